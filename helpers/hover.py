@@ -1,0 +1,44 @@
+"""Loading HoVer and cutting the seeds' splits (introduced in 03_hover_loading)."""
+
+import random
+
+import dspy
+from dspy.datasets import DataLoader
+
+from helpers import sources
+from helpers.errors import TutorialError
+from helpers.profiles import Profile
+
+FIELDS = ("claim", "supporting_facts", "hpqa_id", "num_hops")
+
+
+def load_raw(profile: Profile, split: str = "train") -> list[dspy.Example]:
+    """Every HoVer row of ``split`` as a ``dspy.Example`` with the seed's fields, through ``datasets``."""
+    dataset = sources.hover_folder(profile)
+    try:
+        return DataLoader().from_huggingface(
+            dataset_name=dataset, split=split, fields=FIELDS, input_keys=("claim",),
+            cache_dir=str(profile.cache_dir / "hf-datasets"),
+        )
+    except (FileNotFoundError, ValueError, ConnectionError) as exc:
+        raise TutorialError(f"cannot load HoVer from {dataset!r} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): check the profile's hover_dataset") from None
+
+
+def three_hop_unique(raw: list[dspy.Example]) -> list[dspy.Example]:
+    """The seed's filter: 3-hop claims, first claim per ``hpqa_id``, gold ``titles`` deduplicated."""
+    hpqa_ids = set()
+    return [
+        dspy.Example(claim=x.claim, titles=list(set([y["key"] for y in x.supporting_facts]))).with_inputs("claim")
+        for x in raw
+        if x["num_hops"] == 3 and x["hpqa_id"] not in hpqa_ids and not hpqa_ids.add(x["hpqa_id"])
+    ]
+
+
+def seed_splits(profile: Profile):
+    """``trainset, devset, testset`` exactly as the seed cuts them: shuffle with Random(0), 600/300/rest."""
+    hover = three_hop_unique(load_raw(profile))
+    n_train, n_dev = profile.split_sizes
+    if len(hover) <= n_train + n_dev:
+        raise TutorialError(f"only {len(hover)} unique 3-hop claims; the splits need more than {n_train + n_dev}")
+    random.Random(0).shuffle(hover)
+    return hover[:n_train], hover[n_train:n_train + n_dev], hover[n_train + n_dev:]

@@ -1,0 +1,147 @@
+"""The two profiles, ``mini`` (default, offline CPU) and ``full`` (the seeds' GPU setting).
+
+Chosen by the ``RLMH_PROFILE`` environment variable; introduced in 01_setup. Notebooks read every
+data source, size and model setting from here, never hard-code them.
+"""
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from helpers.errors import TutorialError
+
+PROFILE_ENV = "RLMH_PROFILE"
+CACHE_ENV = "RLMH_CACHE_DIR"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Source:
+    """A downloadable file: where it lives and the sha256 it must have (None: recorded on first use)."""
+
+    url: str
+    sha256: str | None
+    member: str = ""  # the file inside the archive that the notebooks read
+
+
+@dataclass(frozen=True)
+class LMSettings:
+    """How notebooks 04-06 reach their language model."""
+
+    kind: str  # "embedded" (in-process SmolLM2) or "arbor" (Qwen behind an Arbor server)
+    model: str
+    temperature: float
+    max_tokens: int
+    api_base: str = ""
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    summary: str
+    offline: bool
+    corpus: Source
+    hover_dataset: str  # a Hugging Face dataset id, or a local folder of parquet files
+    hover_sha256: dict = field(default_factory=dict)  # file name -> sha256, for local folders
+    split_sizes: tuple = (600, 300)  # train, dev; the rest is test (the seeds' slicing)
+    dev_eval_size: int = 300  # how many dev claims 05 evaluates
+    eval_threads: int = 16
+    lm: LMSettings = None
+    grpo_preset: str = "mini"
+    seed: int = 0
+
+    @property
+    def cache_dir(self) -> Path:
+        root = os.environ.get(CACHE_ENV)
+        base = Path(root).expanduser() if root else _default_cache_root()
+        return (base / self.name).resolve()
+
+    @property
+    def source_dir(self) -> Path:
+        """Where the mini profile publishes its generated world (its stand-in for the download host)."""
+        return self.cache_dir / "source"
+
+    @property
+    def downloads_dir(self) -> Path:
+        return self.cache_dir / "downloads"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.cache_dir / "data"
+
+    @property
+    def index_dir(self) -> Path:
+        return self.cache_dir / "index"
+
+
+def _default_cache_root() -> Path:
+    if (REPO_ROOT / "pyproject.toml").exists():  # a source checkout: keep caches beside the notebooks
+        return REPO_ROOT / "cache"
+    return Path.home() / ".cache" / "rl-multihop"
+
+
+def _mini() -> Profile:
+    cache = Profile.cache_dir.fget(_stub("mini"))
+    return Profile(
+        name="mini",
+        summary="offline, CPU-only: synthetic mini world + embedded SmolLM2-135M-Instruct",
+        offline=True,
+        corpus=Source(
+            url=(cache / "source" / "wiki.abstracts.2017.tar.gz").as_uri(),
+            sha256=MINI_CORPUS_SHA256,
+            member="wiki.abstracts.2017.jsonl",
+        ),
+        hover_dataset=str(cache / "source" / "hover-parquet"),
+        hover_sha256=MINI_HOVER_SHA256,
+        dev_eval_size=60,
+        eval_threads=8,
+        lm=LMSettings(kind="embedded", model="SmolLM2-135M-Instruct", temperature=0.7, max_tokens=256),
+        grpo_preset="mini",
+    )
+
+
+def _full() -> Profile:
+    return Profile(
+        name="full",
+        summary="the seeds' setting: 5M Wikipedia 2017 abstracts, HoVer, Qwen2.5-7B via Arbor on GPUs",
+        offline=False,
+        corpus=Source(
+            url="https://huggingface.co/dspy/cache/resolve/main/wiki.abstracts.2017.tar.gz",
+            sha256=None,
+            member="wiki.abstracts.2017.jsonl",
+        ),
+        hover_dataset="vincentkoc/hover-parquet",
+        dev_eval_size=300,
+        eval_threads=16,
+        lm=LMSettings(
+            kind="arbor",
+            model="Qwen/Qwen2.5-7B-Instruct",
+            temperature=0.7,
+            max_tokens=2048,
+            api_base="http://localhost:7453/v1/",
+        ),
+        grpo_preset="seed_6gpu",
+    )
+
+
+def _stub(name: str) -> Profile:
+    return Profile(name=name, summary="", offline=True, corpus=None, hover_dataset="")
+
+
+# Checksums of the mini world generated with seed 0 (tests/test_mini_world.py regenerates and compares).
+MINI_CORPUS_SHA256 = "a3cb63e303b98a4e6c757315001e447ae53cf341b908379bf43a1ada669747f8"
+MINI_HOVER_SHA256 = {
+    "data/train-00000-of-00001.parquet": "b04470c1dc83f4570dc286b9e204e477c1b55d453af83e6f59eab7aa594d93b5",
+    "data/validation-00000-of-00001.parquet": "d44f4273b4c6ac03a3ce871a8a6a8e03e13db7604e3d4f25379b3d77ada84a37",
+}
+
+PROFILES = {"mini": _mini, "full": _full}
+
+
+def get_profile(name: str | None = None) -> Profile:
+    """The active profile: ``name``, else ``$RLMH_PROFILE``, else ``mini``."""
+    name = (name or os.environ.get(PROFILE_ENV) or "mini").strip().lower()
+    if name not in PROFILES:
+        valid = ", ".join(sorted(PROFILES))
+        raise TutorialError(f"unknown profile {name!r} in {PROFILE_ENV}: choose one of {valid}")
+    return PROFILES[name]()

@@ -1,0 +1,124 @@
+"""BM25 search over the abstracts, as in the seeds but cached (introduced in 02_corpus_indexing).
+
+The index is built once with the seeds' settings (PyStemmer English stemmer, English stopwords,
+k1=0.9, b=0.4), saved atomically to the profile's cache and reloaded with mmap afterwards.
+``Search.__call__`` returns what the seed's ``search(query, k)`` returns.
+"""
+
+import json
+import threading
+from pathlib import Path
+
+import bm25s
+import numpy as np
+import Stemmer
+
+from helpers import atomic
+from helpers.errors import TutorialError
+
+K1, B = 0.9, 0.4
+INDEX_FORMAT = 1
+
+
+class DocStore:
+    """The corpus strings as one UTF-8 blob plus offsets, memory-mapped so a reload costs nothing."""
+
+    def __init__(self, folder: Path):
+        self.offsets = np.load(Path(folder) / "offsets.npy", mmap_mode="r")
+        self.blob = np.memmap(Path(folder) / "docs.bin", dtype=np.uint8, mode="r") if self.offsets[-1] else np.zeros(0, np.uint8)
+
+    @staticmethod
+    def write(folder: Path, docs: list[str]) -> None:
+        encoded = [d.encode("utf-8") for d in docs]
+        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(e) for e in encoded], out=offsets[1:])
+        with open(Path(folder) / "docs.bin", "wb") as f:
+            for e in encoded:
+                f.write(e)
+        np.save(Path(folder) / "offsets.npy", offsets)
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        return bytes(self.blob[self.offsets[i]:self.offsets[i + 1]]).decode("utf-8")
+
+
+class Search:
+    """``search(query, k) -> ["title | text", …]``, thread-safe for DSPy's parallel evaluation."""
+
+    def __init__(self, retriever: bm25s.BM25, docs):
+        self.retriever, self.docs = retriever, docs
+        self._local = threading.local()  # PyStemmer objects must not be shared between threads
+
+    @property
+    def stemmer(self):
+        if not hasattr(self._local, "stemmer"):
+            self._local.stemmer = Stemmer.Stemmer("english")
+        return self._local.stemmer
+
+    def __call__(self, query: str, k: int) -> list[str]:
+        tokens = bm25s.tokenize(query, stopwords="en", stemmer=self.stemmer, show_progress=False)
+        results, scores = self.retriever.retrieve(tokens, k=k, n_threads=1, show_progress=False)
+        run = {self.docs[doc]: float(score) for doc, score in zip(results[0], scores[0])}
+        return list(run.keys())
+
+    def __len__(self):
+        return len(self.docs)
+
+
+def build_index(corpus: list[str], folder: Path, fingerprint: str) -> Search:
+    """Tokenize and index ``corpus`` with the seeds' settings, then save it atomically to ``folder``."""
+    stemmer = Stemmer.Stemmer("english")
+    tokens = bm25s.tokenize(corpus, stopwords="en", stemmer=stemmer, show_progress=False)
+    retriever = bm25s.BM25(k1=K1, b=B)
+    retriever.index(tokens, show_progress=False)
+    with atomic.atomic_dir(folder) as tmp:
+        retriever.save(tmp, show_progress=False)
+        DocStore.write(tmp, corpus)
+        meta = {"format": INDEX_FORMAT, "fingerprint": fingerprint, "num_docs": len(corpus), "k1": K1, "b": B}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    return Search(retriever, corpus)
+
+
+def load_index(folder: Path, fingerprint: str) -> Search:
+    """Reload a saved index with mmap; raises TutorialError if it is missing, stale or damaged."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except FileNotFoundError:
+        raise TutorialError(f"no index at {folder}: run 02_corpus_indexing to build it") from None
+    except ValueError:
+        raise TutorialError(f"index at {folder} is damaged (meta.json unreadable): run 02_corpus_indexing to rebuild it") from None
+    if meta.get("format") != INDEX_FORMAT or meta.get("fingerprint") != fingerprint:
+        raise TutorialError(f"index at {folder} was built from another corpus or version: run 02_corpus_indexing to rebuild it")
+    try:
+        retriever = bm25s.BM25.load(folder, mmap=True, show_progress=False)
+        docs = DocStore(folder)
+        if len(docs) != meta["num_docs"] or retriever.scores["num_docs"] != meta["num_docs"]:
+            raise ValueError("document count does not match meta.json")
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        raise TutorialError(f"index at {folder} is damaged ({exc}): run 02_corpus_indexing to rebuild it") from None
+    return Search(retriever, docs)
+
+
+def fingerprint(profile) -> str:
+    """What the cached index must match: the corpus checksum (or URL) and the BM25 settings."""
+    corpus_id = profile.corpus.sha256 or profile.corpus.url
+    return f"{profile.name}:{corpus_id}:bm25s-{bm25s.__version__}:k1={K1}:b={B}"
+
+
+def load_search(profile) -> Search:
+    """The profile's search function: reload the cached index, or (re)build it if missing or damaged.
+
+    Notebooks 03-06 call this; 02 shows the steps one by one.
+    """
+    from helpers import corpus, sources
+
+    try:
+        return load_index(profile.index_dir, fingerprint(profile))
+    except TutorialError as exc:
+        print(f"{exc} — building it now.")
+    sources.prepare(profile)
+    docs = corpus.load_abstracts(sources.corpus_file(profile, progress=False))
+    return build_index(docs, profile.index_dir, fingerprint(profile))
