@@ -15,7 +15,7 @@ import urllib.request
 import zlib
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from helpers import atomic
 from helpers.errors import TutorialError

@@ -69,6 +69,10 @@ def _word(rng, syllables):
     return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables)).capitalize()
 
 
+def _a(noun):
+    return ("an " if noun[0] in "aeiou" else "a ") + noun
+
+
 def _plural(noun):
     return noun[:-1] + "ies" if noun.endswith("y") else noun + "s"
 
@@ -186,7 +190,7 @@ class _Builder:
             year = rng.randrange(1930, 2017)
             self.add(title, "work", [f"{title} is a {year} {rng.choice(_GENRES[kind])} {kind} {by} {creator}.",
                                      f"It was {verb} by {org}.",
-                                     f"The {kind} tells the story of a {rng.choice(_NOUNS)} near {rng.choice(self.cities)}."],
+                                     f"The {kind} tells the story of {_a(rng.choice(_NOUNS))} near {rng.choice(self.cities)}."],
                      creator=creator, org=org, work_kind=kind)
             self.works.append(title)
 

@@ -129,7 +129,7 @@ def _stub(name: str) -> Profile:
 
 
 # Checksums of the mini world generated with seed 0 (tests/test_mini_world.py regenerates and compares).
-MINI_CORPUS_SHA256 = "a3cb63e303b98a4e6c757315001e447ae53cf341b908379bf43a1ada669747f8"
+MINI_CORPUS_SHA256 = "e4d22de94fbc7b77018456b447a187555ae7b0bf33afc7cee49d5c172d7ee7f3"
 MINI_HOVER_SHA256 = {
     "data/train-00000-of-00001.parquet": "b04470c1dc83f4570dc286b9e204e477c1b55d453af83e6f59eab7aa594d93b5",
     "data/validation-00000-of-00001.parquet": "d44f4273b4c6ac03a3ce871a8a6a8e03e13db7604e3d4f25379b3d77ada84a37",

@@ -1,0 +1,40 @@
+import pytest
+
+from helpers import bootstrap, profiles
+from helpers.errors import TutorialError
+
+
+def test_default_is_mini(monkeypatch):
+    monkeypatch.delenv(profiles.PROFILE_ENV, raising=False)
+    p = profiles.get_profile()
+    assert p.name == "mini" and p.offline and p.lm.kind == "embedded"
+    assert p.corpus.sha256 == profiles.MINI_CORPUS_SHA256
+
+
+def test_env_switch_selects_full(monkeypatch):
+    monkeypatch.setenv(profiles.PROFILE_ENV, "FULL")
+    p = profiles.get_profile()
+    assert p.name == "full" and p.hover_dataset == "vincentkoc/hover-parquet"
+    assert p.lm.api_base.endswith("/v1/") and p.grpo_preset == "seed_6gpu"
+
+
+def test_unknown_profile_fails_in_one_line_listing_valid_ones(monkeypatch):
+    monkeypatch.setenv(profiles.PROFILE_ENV, "medium")
+    with pytest.raises(TutorialError) as err:
+        profiles.get_profile()
+    msg = str(err.value)
+    assert "\n" not in msg and "'medium'" in msg and "full, mini" in msg
+
+
+def test_cache_dir_follows_env(monkeypatch, tmp_path):
+    monkeypatch.setenv(profiles.CACHE_ENV, str(tmp_path))
+    assert profiles.get_profile("mini").cache_dir == tmp_path / "mini"
+    assert profiles.get_profile("full").index_dir == tmp_path / "full" / "index"
+
+
+def test_cache_not_writable_is_one_line(monkeypatch, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv(profiles.CACHE_ENV, str(blocker))
+    with pytest.raises(TutorialError, match="RLMH_CACHE_DIR"):
+        bootstrap.check_cache_writable(profiles.get_profile("mini"))
