@@ -1,0 +1,61 @@
+"""Measuring which DSPy adapter the LM can follow (introduced in 04_research_hop).
+
+A 135M model cannot follow every output format. We count, for each adapter and each of the two
+ResearchHop signatures, how often the LM's reply parses. The winner is configured globally and
+handed to GRPO too, because GRPO formats its training data with its own adapter argument.
+"""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import dspy
+import pandas as pd
+
+from helpers.research_hop import ResearchHop
+
+ADAPTERS = {
+    "ChatAdapter": lambda: dspy.ChatAdapter(use_json_adapter_fallback=False),  # no silent JSON retry
+    "JSONAdapter": lambda: dspy.JSONAdapter(),
+    "XMLAdapter": lambda: dspy.XMLAdapter(),
+}
+
+
+def _calls(examples, search, num_docs=4):
+    """The two predictors' inputs for each claim, as ResearchHop produces them at hops 0 and 1."""
+    for ex in examples:
+        results = search(ex.claim, k=num_docs)
+        yield "append_notes", dict(claim=ex.claim, key_facts=[], new_search_results=results)
+        yield "generate_query", dict(claim=ex.claim, key_facts=[results[0].split(" | ", 1)[1]])
+
+
+def _parses(lm, adapter, module, kwargs) -> bool:
+    program = ResearchHop(num_docs=4, num_hops=2, search=None)
+    predictor = getattr(program, module)
+    try:
+        with dspy.context(lm=lm, adapter=adapter):
+            prediction = predictor(**kwargs)
+    except Exception:  # noqa: BLE001 - any failure to produce the fields counts as a parse failure
+        return False
+    field = "followup_search_query" if module == "generate_query" else "new_key_facts"
+    return bool(str(prediction.get(field, "")).strip())
+
+
+def parse_rates(lm, examples, search, threads: int = 8) -> pd.DataFrame:
+    """Parse successes per adapter (rows) and predictor (columns), over ``len(examples)`` claims each."""
+    calls = list(_calls(examples, search))
+    table = {}
+    for name, make in ADAPTERS.items():
+        adapter = make()
+        with ThreadPoolExecutor(threads) as pool:
+            ok = list(pool.map(lambda c: _parses(lm, adapter, *c), calls))
+        row = {}
+        for module in ("generate_query", "append_notes"):
+            hits = [o for (m, _), o in zip(calls, ok) if m == module]
+            row[module] = f"{sum(hits)}/{len(hits)}"
+        row["total parsed"] = sum(ok) / len(ok)
+        table[name] = row
+    return pd.DataFrame(table).T
+
+
+def best_adapter(rates: pd.DataFrame) -> dspy.Adapter:
+    """A fresh instance of the adapter with the highest parse rate."""
+    return ADAPTERS[rates["total parsed"].astype(float).idxmax()]()

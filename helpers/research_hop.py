@@ -1,0 +1,41 @@
+"""The seeds' two-module multi-hop program (introduced in 04_research_hop).
+
+Same instructions, signatures and control flow as the seed; the only change is that the search
+function is passed in instead of being a notebook global.
+"""
+
+import dspy
+
+instr1 = """
+Given a claim and some key facts, generate a follow-up search query to find the next most essential clue towards verifying or refuting the claim. The goal ultimately is to find all documents implicated by the claim.
+""".strip()
+
+instr2 = """
+Given a claim, some key facts, and new search results, identify any new learnings from the new search results, which will extend the key facts known so far about the whether the claim is true or false. The goal is to ultimately collect all facts that would help us find all documents implicated by the claim.
+"""
+
+
+class ResearchHop(dspy.Module):
+    """Hop 0 searches the claim; each later hop searches a query the LM writes from its notes."""
+
+    def __init__(self, num_docs, num_hops, search):
+        self.num_docs, self.num_hops, self.search = num_docs, num_hops, search
+        self.generate_query = dspy.ChainOfThought(dspy.Signature("claim, key_facts -> followup_search_query", instr1))
+        self.append_notes = dspy.ChainOfThought(dspy.Signature("claim, key_facts, new_search_results -> new_key_facts", instr2))
+
+    def forward(self, claim: str) -> list[str]:
+        key_facts = []
+        retrieved_docs = []
+
+        for hop_idx in range(self.num_hops):
+            query = self.generate_query(claim=claim, key_facts=key_facts).followup_search_query if hop_idx else claim
+            search_results = self.search(query, k=self.num_docs)
+            retrieved_docs.extend(search_results)
+
+            if hop_idx == self.num_hops - 1:
+                break
+
+            prediction = self.append_notes(claim=claim, key_facts=key_facts, new_search_results=search_results)
+            key_facts.append(prediction.new_key_facts)
+
+        return dspy.Prediction(key_facts=key_facts, retrieved_docs=retrieved_docs)

@@ -1,0 +1,78 @@
+"""The full-profile and OpenAI-compatible LM paths fail in one line before any long work."""
+
+import socket
+
+import pytest
+
+from helpers import lm_setup, profiles
+from helpers.errors import TutorialError
+from tests.fileserver import FileServer
+
+
+def _closed_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _one_line(err):
+    assert "\n" not in str(err.value)
+
+
+def test_openai_endpoint_needs_its_variables(monkeypatch):
+    for name in ("RLMH_OPENAI_BASE_URL", "RLMH_OPENAI_MODEL", "RLMH_OPENAI_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(lm_setup.LM_ENV, "openai")
+    with pytest.raises(TutorialError, match="RLMH_OPENAI_BASE_URL, RLMH_OPENAI_MODEL, RLMH_OPENAI_API_KEY") as err:
+        lm_setup.make_lm(profiles.get_profile("mini"))
+    _one_line(err)
+
+
+def test_unreachable_openai_endpoint_fails_before_work(monkeypatch):
+    monkeypatch.setenv(lm_setup.LM_ENV, "openai")
+    monkeypatch.setenv("RLMH_OPENAI_BASE_URL", f"http://127.0.0.1:{_closed_port()}/v1/")
+    monkeypatch.setenv("RLMH_OPENAI_MODEL", "some-model")
+    monkeypatch.setenv("RLMH_OPENAI_API_KEY", "key")
+    with pytest.raises(TutorialError, match="unreachable") as err:
+        lm_setup.make_lm(profiles.get_profile("mini"))
+    _one_line(err)
+
+
+def test_reachable_openai_endpoint_gives_a_dspy_lm(monkeypatch):
+    with FileServer() as server:
+        monkeypatch.setenv(lm_setup.LM_ENV, "openai")
+        monkeypatch.setenv("RLMH_OPENAI_BASE_URL", server.url + "/v1/")
+        monkeypatch.setenv("RLMH_OPENAI_MODEL", "some-model")
+        monkeypatch.setenv("RLMH_OPENAI_API_KEY", "key")
+        lm = lm_setup.make_lm(profiles.get_profile("mini"))
+    assert lm.model == "openai/some-model" and server.requests[0][0] == "/v1/models"
+
+
+def test_unreachable_arbor_fails_in_one_line(monkeypatch):
+    full = profiles.get_profile("full")
+    import dataclasses
+
+    settings = dataclasses.replace(full.lm, api_base=f"http://127.0.0.1:{_closed_port()}/v1/")
+    monkeypatch.delenv(lm_setup.LM_ENV, raising=False)
+    with pytest.raises(TutorialError, match="the Arbor server .* is unreachable") as err:
+        lm_setup.make_lm(dataclasses.replace(full, lm=settings))
+    _one_line(err)
+
+
+def test_arbor_not_installed_fails_in_one_line(monkeypatch):
+    import dataclasses
+
+    full = profiles.get_profile("full")
+    with FileServer() as server:
+        settings = dataclasses.replace(full.lm, api_base=server.url + "/v1/")
+        monkeypatch.delenv(lm_setup.LM_ENV, raising=False)
+        with pytest.raises(TutorialError, match="Arbor is not installed"):
+            lm_setup.make_lm(dataclasses.replace(full, lm=settings))
+
+
+def test_bad_api_base_and_unknown_lm_kind(monkeypatch):
+    with pytest.raises(TutorialError, match="must end in /v1/"):
+        lm_setup.check_reachable("http://127.0.0.1:1/v1", "the Arbor server")
+    monkeypatch.setenv(lm_setup.LM_ENV, "gpt5")
+    with pytest.raises(TutorialError, match="embedded, arbor or openai"):
+        lm_setup.make_lm(profiles.get_profile("mini"))
