@@ -209,7 +209,7 @@ class BatchingEngine:
         import torch
 
         tok = self.tokenizer
-        prompts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in conversations]
+        prompts = [_render(tok, m) for m in conversations]
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         kwargs = dict(max_new_tokens=sampling.max_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         if sampling.greedy:
@@ -244,6 +244,13 @@ _LIVE = {}  # engines by name, so a saved program's LM state can find the loaded
 def register(engine: BatchingEngine) -> BatchingEngine:
     _LIVE[engine.name] = engine
     return engine
+
+
+def _render(tokenizer, messages):
+    """Chat-template a conversation; a final assistant message is continued, not closed (a prefill)."""
+    if messages and messages[-1]["role"] == "assistant":
+        return tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def _chat_messages(request):
