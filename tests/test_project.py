@@ -79,3 +79,14 @@ def test_ignored_outputs_are_justified_and_stored_outputs_have_no_errors():
                 assert "".join(cell["source"]).startswith("# nbval-ignore-output: "), path.name
             assert cell.get("execution_count") is not None, f"{path.name}: run `make notebooks` to store outputs"
             assert not any(o["output_type"] == "error" for o in cell.get("outputs", [])), path.name
+
+
+def test_arbor_yaml_uses_only_keys_current_arbor_reads():
+    config = yaml.safe_load((ROOT / "arbor.yaml").read_text())
+    assert set(config) == {"storage_path", "inactivity_timeout"}
+    assert isinstance(config["inactivity_timeout"], int)
+
+
+def test_top_level_layout():
+    for name in ("notebooks", "helpers", "tests", "environment.yml", "arbor.yaml", "README.md", "pyproject.toml", "Makefile"):
+        assert (ROOT / name).exists(), name
