@@ -297,7 +297,7 @@ class _Claims:
         return [self._row(claim, [(work, 0), (creator, 1)], label, 2, self._ids())]
 
     def hop4(self):
-        b, rng = self.b, self.rng
+        b = self.b
         work = self._anchor()
         w = b.entities[work]
         creator, org = w["creator"], w["org"]

@@ -52,9 +52,7 @@ class Profile:
 
     @property
     def cache_dir(self) -> Path:
-        root = os.environ.get(CACHE_ENV)
-        base = Path(root).expanduser() if root else _default_cache_root()
-        return (base / self.name).resolve()
+        return cache_dir_for(self.name)
 
     @property
     def source_dir(self) -> Path:
@@ -74,6 +72,13 @@ class Profile:
         return self.cache_dir / "index"
 
 
+def cache_dir_for(name: str) -> Path:
+    """``$RLMH_CACHE_DIR/<name>``, else ``cache/<name>`` in a checkout, else ``~/.cache/rl-multihop/<name>``."""
+    root = os.environ.get(CACHE_ENV)
+    base = Path(root).expanduser() if root else _default_cache_root()
+    return (base / name).resolve()
+
+
 def _default_cache_root() -> Path:
     if (REPO_ROOT / "pyproject.toml").exists():  # a source checkout: keep caches beside the notebooks
         return REPO_ROOT / "cache"
@@ -81,7 +86,7 @@ def _default_cache_root() -> Path:
 
 
 def _mini() -> Profile:
-    cache = Profile.cache_dir.fget(_stub("mini"))
+    cache = cache_dir_for("mini")
     return Profile(
         name="mini",
         summary="offline, CPU-only: synthetic mini world + embedded SmolLM2-135M-Instruct",
@@ -122,10 +127,6 @@ def _full() -> Profile:
         ),
         grpo_preset="seed_6gpu",
     )
-
-
-def _stub(name: str) -> Profile:
-    return Profile(name=name, summary="", offline=True, corpus=None, hover_dataset="")
 
 
 # Checksums of the mini world generated with seed 0 (tests/test_mini_world.py regenerates and compares).
