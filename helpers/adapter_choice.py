@@ -27,9 +27,7 @@ def _calls(examples, search, num_docs=4):
         yield "generate_query", dict(claim=ex.claim, key_facts=[results[0].split(" | ", 1)[1]])
 
 
-def _parses(lm, adapter, module, kwargs) -> bool:
-    program = ResearchHop(num_docs=4, num_hops=2, search=None)
-    predictor = getattr(program, module)
+def _parses(lm, adapter, predictor, module, kwargs) -> bool:
     try:
         with dspy.context(lm=lm, adapter=adapter):
             prediction = predictor(**kwargs)
@@ -42,11 +40,12 @@ def _parses(lm, adapter, module, kwargs) -> bool:
 def parse_rates(lm, examples, search, threads: int = 8) -> pd.DataFrame:
     """Parse successes per adapter (rows) and predictor (columns), over ``len(examples)`` claims each."""
     calls = list(_calls(examples, search))
+    program = ResearchHop(num_docs=4, num_hops=2, search=search)
     table = {}
     for name, make in ADAPTERS.items():
         adapter = make()
         with ThreadPoolExecutor(threads) as pool:
-            ok = list(pool.map(lambda c: _parses(lm, adapter, *c), calls))
+            ok = list(pool.map(lambda c: _parses(lm, adapter, getattr(program, c[0]), *c), calls))
         row = {}
         for module in ("generate_query", "append_notes"):
             hits = [o for (m, _), o in zip(calls, ok) if m == module]

@@ -19,18 +19,15 @@ from helpers.errors import TutorialError
 from helpers.profiles import Profile
 
 LM_ENV = "RLMH_LM"
-_ENGINES = {}  # one loaded model per cache folder and process
 
 
 def embedded_engine(profile: Profile) -> local_lm.BatchingEngine:
-    """The in-process SmolLM2 engine, loaded on first use (converted GGUF cached in the profile)."""
-    key = str(profile.cache_dir)
-    if key not in _ENGINES:
+    """The in-process SmolLM2 engine, loaded once per process (converted GGUF cached in the profile)."""
+    engine = local_lm.live_engine(local_lm.MODEL_NAME)
+    if engine is None:
         model, tokenizer, info = local_lm.load_model(profile.cache_dir)
-        engine = local_lm.register(local_lm.BatchingEngine(model, tokenizer))
-        engine.load_info = info
-        _ENGINES[key] = engine
-    return _ENGINES[key]
+        engine = local_lm.register(local_lm.BatchingEngine(model, tokenizer, load_info=info))
+    return engine
 
 
 def check_reachable(api_base: str, what: str, timeout: float = 3.0) -> None:

@@ -128,8 +128,9 @@ class _Job:
 class BatchingEngine:
     """A DSPy custom engine: ``complete(Request)`` from many threads, one ``generate`` per batch."""
 
-    def __init__(self, model, tokenizer, name: str = MODEL_NAME, max_batch: int = 8, max_wait_s: float = 0.05):
-        self.model, self.tokenizer, self.name = model, tokenizer, name
+    def __init__(self, model, tokenizer, name: str = MODEL_NAME, max_batch: int = 8, max_wait_s: float = 0.05,
+                 load_info: LoadInfo | None = None):
+        self.model, self.tokenizer, self.name, self.load_info = model, tokenizer, name, load_info
         self.max_batch, self.max_wait_s = max_batch, max_wait_s
         self.lock = threading.RLock()  # held while generating; training (06) takes it to update weights
         self.stats = EngineStats()
@@ -170,7 +171,7 @@ class BatchingEngine:
 
     @classmethod
     def load_state(cls, state):
-        engine = _LIVE.get(state.get("name"))
+        engine = live_engine(state.get("name"))
         if engine is None:
             raise TutorialError(f"no embedded LM {state.get('name')!r} is loaded: call lm_setup.make_lm(profile) before loading the program")
         return engine
@@ -238,12 +239,16 @@ class BatchingEngine:
         return results
 
 
-_LIVE = {}  # engines by name, so a saved program's LM state can find the loaded model again
+_LIVE = {}  # the process's loaded engines by name: one model per process, found again by saved programs
 
 
 def register(engine: BatchingEngine) -> BatchingEngine:
     _LIVE[engine.name] = engine
     return engine
+
+
+def live_engine(name: str) -> BatchingEngine | None:
+    return _LIVE.get(name)
 
 
 def _render(tokenizer, messages):
