@@ -1,5 +1,6 @@
 """The first cell of every notebook: environment set-up and the profile banner."""
 
+import logging
 import os
 import sys
 import warnings
@@ -17,9 +18,15 @@ def configure_environment(profile: Profile) -> None:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     # Libraries import tqdm.auto, which warns (with this machine's paths) when ipywidgets is absent.
     warnings.filterwarnings("ignore", message="IProgress not found")
+    # A small model often hits max_tokens; the parse-rate table and per-claim tables report what matters.
+    logging.getLogger("dspy.clients.lm").addFilter(_drop_truncation_warnings)
     if profile.offline:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def _drop_truncation_warnings(record: logging.LogRecord) -> bool:
+    return "LM response was truncated" not in record.getMessage()
 
 
 def start(name: str | None = None) -> Profile:

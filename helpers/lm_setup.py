@@ -26,7 +26,7 @@ def embedded_engine(profile: Profile) -> local_lm.BatchingEngine:
     engine = local_lm.live_engine(local_lm.MODEL_NAME)
     if engine is None:
         model, tokenizer, info = local_lm.load_model(profile.cache_dir)
-        engine = local_lm.register(local_lm.BatchingEngine(model, tokenizer, load_info=info))
+        engine = local_lm.register(local_lm.BatchingEngine(model, tokenizer, max_batch=16, load_info=info))
     return engine
 
 
@@ -75,16 +75,28 @@ def openai_compatible_lm() -> dspy.LM:
     return dspy.LM(model=f"openai/{model}", api_base=base, api_key=key)
 
 
-def make_lm(profile: Profile, **overrides) -> dspy.LM:
-    """The profile's LM as a ``dspy.LM``; ``overrides`` are default call arguments (e.g. temperature)."""
+def make_lm(profile: Profile, trainable: bool = False, **overrides) -> dspy.LM:
+    """The profile's LM as a ``dspy.LM``; ``overrides`` are default call arguments (e.g. temperature).
+
+    ``trainable=True`` (06) attaches the provider GRPO trains through: Arbor's in the full profile,
+    ``grpo_backend.LocalGRPOProvider`` (LoRA on CPU) for the embedded model.
+    """
     choice = os.environ.get(LM_ENV, profile.lm.kind)
     if choice == "openai":
+        if trainable:
+            raise TutorialError("RLMH_LM=openai is for evaluation only: GRPO needs the embedded LM or Arbor")
         lm = openai_compatible_lm()
     elif choice == "arbor":
         lm = arbor_lm(profile)
     elif choice == "embedded":
         engine = embedded_engine(profile)
-        lm = dspy.LM(f"local/{engine.name}", engine=engine, temperature=profile.lm.temperature, max_tokens=profile.lm.max_tokens)
+        provider = None
+        if trainable:
+            from helpers.grpo_backend import LocalGRPOProvider
+
+            provider = LocalGRPOProvider()
+        lm = dspy.LM(f"local/{engine.name}", engine=engine, temperature=profile.lm.temperature,
+                     max_tokens=profile.lm.max_tokens, provider=provider)
     else:
         raise TutorialError(f"unknown {LM_ENV}={choice!r}: choose embedded, arbor or openai")
     return lm.copy(**overrides) if overrides else lm

@@ -194,7 +194,7 @@ class BatchingEngine:
                     break
             groups = {}
             for job in batch:
-                groups.setdefault(job.sampling, []).append(job)
+                groups.setdefault((job.sampling, job.stop), []).append(job)
             for jobs in groups.values():
                 try:
                     results = self.generate([j.messages for j in jobs], jobs[0].sampling, [j.stop for j in jobs])
@@ -217,6 +217,9 @@ class BatchingEngine:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
             kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
+        shared_stops = {tuple(s) for s in stops or [()]}
+        if len(shared_stops) == 1 and next(iter(shared_stops)):  # rows stop early instead of running to max_tokens
+            kwargs.update(stop_strings=list(next(iter(shared_stops))), tokenizer=tok)
         fast = not sampling.greedy and sampling_dtype() != torch.float32
         start = time.perf_counter()
         with self.lock, torch.inference_mode(), torch.autocast("cpu", dtype=sampling_dtype(), enabled=fast):

@@ -46,6 +46,10 @@ class Profile:
     split_sizes: tuple = (600, 300)  # train, dev; the rest is test (the seeds' slicing)
     dev_eval_size: int = 300  # how many dev claims 05 evaluates
     eval_threads: int = 16
+    test_eval_size: int = 300  # held-out test claims 06 scores before and after GRPO
+    curve_eval_size: int = 100  # dev claims scored after GRPO steps for the training curve
+    eval_temperature: float = 0.7  # the seeds evaluate at the LM's sampling temperature
+    adapter: str = "ChatAdapter"  # used until 04 has measured and saved a choice
     lm: LMSettings = None
     grpo_preset: str = "mini"
     seed: int = 0
@@ -98,8 +102,12 @@ def _mini() -> Profile:
         ),
         hover_dataset=str(cache / "source" / "hover-parquet"),
         hover_sha256=MINI_HOVER_SHA256,
-        dev_eval_size=60,
+        dev_eval_size=40,  # ~5 min on 2 cores; the full dev set takes ~35 min
         eval_threads=8,
+        test_eval_size=30,
+        curve_eval_size=12,
+        eval_temperature=0.0,  # greedy fp32 decoding: the same recall on every run (nbval compares it)
+        adapter="GuidedChatAdapter",
         lm=LMSettings(kind="embedded", model="SmolLM2-135M-Instruct", temperature=0.7, max_tokens=256),
         grpo_preset="mini",
     )

@@ -5,6 +5,7 @@ function is passed in instead of being a notebook global.
 """
 
 import dspy
+import pandas as pd
 
 instr1 = """
 Given a claim and some key facts, generate a follow-up search query to find the next most essential clue towards verifying or refuting the claim. The goal ultimately is to find all documents implicated by the claim.
@@ -39,3 +40,30 @@ class ResearchHop(dspy.Module):
             key_facts.append(prediction.new_key_facts)
 
         return dspy.Prediction(key_facts=key_facts, retrieved_docs=retrieved_docs)
+
+
+def walkthrough(program: ResearchHop, example) -> pd.DataFrame:
+    """Run the program on one claim and list every step: searches, pages found (✓ = gold), LM outputs (04)."""
+    with dspy.context(trace=[]):
+        prediction = program(claim=example.claim)
+        trace = list(dspy.settings.trace)
+    written = iter((_module_of(outputs), outputs) for _, _, outputs in trace)
+    gold, n, rows = set(example.titles), program.num_docs, []
+    query = example.claim
+    for hop in range(program.num_hops):
+        if hop:
+            module, outputs = next(written)
+            rows.append((hop, f"{module}: reasoning", outputs.reasoning))
+            query = outputs.followup_search_query
+            rows.append((hop, f"{module}: followup_search_query", query))
+        titles = [d.split(" | ")[0] for d in prediction.retrieved_docs[hop * n:(hop + 1) * n]]
+        rows.append((hop, f"search(query, k={n})", ", ".join(t + (" ✓" if t in gold else "") for t in titles)))
+        if hop < program.num_hops - 1:
+            module, outputs = next(written)
+            rows.append((hop, f"{module}: reasoning", outputs.reasoning))
+            rows.append((hop, f"{module}: new_key_facts", outputs.new_key_facts))
+    return pd.DataFrame(rows, columns=["hop", "step", "text"]).set_index(["hop", "step"])
+
+
+def _module_of(outputs):
+    return "generate_query" if "followup_search_query" in outputs else "append_notes"

@@ -1,0 +1,161 @@
+"""Evaluating ResearchHop on dev claims, per claim and per hop (introduced in 05_baseline_eval).
+
+``run_eval`` wraps ``dspy.Evaluate`` with ``max_errors`` above the number of claims, so a small
+model's parse failures score 0 instead of aborting, and keeps one row per claim: recall, gold pages
+found at hop 0 and at later hops, and which module failed to parse, if any.
+"""
+
+import json
+import logging
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import dspy
+import pandas as pd
+from dspy.utils.exceptions import AdapterParseError
+
+from helpers import atomic
+from helpers.dspy_compat import stragglers_not_resubmitted
+from helpers.metrics import recall
+from helpers.profiles import Profile
+
+
+@dataclass
+class EvalReport:
+    name: str
+    score: float  # mean recall in percent, failures counted as 0
+    per_claim: pd.DataFrame
+    seconds: float
+
+    def summary(self) -> dict:
+        rows = self.per_claim
+        return {
+            "system": self.name,
+            "claims": len(rows),
+            "recall %": round(self.score, 1),
+            "gold found at hop 0": int(rows["found_hop0"].sum()),
+            "gold found at hop 1": int(rows["found_later"].sum()),
+            "parse failures": int(rows["failed_module"].notna().sum()),
+        }
+
+
+class _RecordFailures(dspy.Module):
+    """Runs the program; remembers which predictor failed to parse for each claim, then re-raises."""
+
+    def __init__(self, program):
+        self.program = program
+        self.failures = {}
+        self._lock = threading.Lock()
+
+    def forward(self, claim):
+        try:
+            return self.program(claim=claim)
+        except AdapterParseError as exc:
+            with self._lock:
+                self.failures[claim] = _module_name(self.program, exc.signature)
+            raise
+
+
+def _module_name(program, signature):
+    for name, predictor in program.named_predictors():
+        if predictor.signature.equals(signature):
+            return name.removesuffix(".predict")
+    return "unknown"
+
+
+@contextmanager
+def _quiet_evaluate_errors():
+    """Evaluate logs every failed example; the per-claim table reports them instead."""
+    log = logging.getLogger("dspy.evaluate.evaluate")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def run_eval(program, examples, threads: int, name: str = "ResearchHop", num_docs: int = 4) -> EvalReport:
+    """``dspy.Evaluate`` with recall over ``examples``; returns an EvalReport (05, 06)."""
+    wrapped = _RecordFailures(program)
+    evaluate = dspy.Evaluate(devset=examples, metric=recall, num_threads=threads, max_errors=len(examples) + 1,
+                             display_progress=False, display_table=False, failure_score=0.0)
+    start = time.perf_counter()
+    with _quiet_evaluate_errors(), stragglers_not_resubmitted():
+        result = evaluate(wrapped)
+    seconds = time.perf_counter() - start
+    rows = []
+    for example, prediction, score in result.results:
+        docs = prediction.get("retrieved_docs") or []
+        gold = set(example.titles)
+        hop0 = {d.split(" | ")[0] for d in docs[:num_docs]} & gold
+        later = ({d.split(" | ")[0] for d in docs[num_docs:]} & gold) - hop0
+        rows.append({"claim": example.claim, "recall": float(score), "found_hop0": len(hop0), "found_later": len(later),
+                     "failed_module": wrapped.failures.get(example.claim)})
+    return EvalReport(name, float(result.score), pd.DataFrame(rows), seconds)
+
+
+def claim_only_report(examples, search, k: int) -> EvalReport:
+    """The no-LM baseline as an EvalReport: the claim is the only query, top ``k`` pages."""
+    start = time.perf_counter()
+    rows = []
+    for ex in examples:
+        docs = search(ex.claim, k)
+        rows.append({"claim": ex.claim, "recall": recall(ex, dspy.Prediction(retrieved_docs=docs)),
+                     "found_hop0": len({d.split(" | ")[0] for d in docs} & set(ex.titles)), "found_later": 0,
+                     "failed_module": None})
+    table = pd.DataFrame(rows)
+    return EvalReport(f"claim only, BM25 top {k}", 100 * table["recall"].mean(), table, time.perf_counter() - start)
+
+
+def summary_table(*reports: EvalReport) -> pd.DataFrame:
+    """One row per system: the table 05 and 06 show."""
+    return pd.DataFrame([r.summary() for r in reports]).set_index("system")
+
+
+def comparison_table(pairs: dict) -> pd.DataFrame:
+    """Recall before and after, per split: ``{"dev": (before, after), ...}`` -> one row per split (06)."""
+    rows = {}
+    for split, (before, after) in pairs.items():
+        rows[split] = {"claims": len(after.per_claim), "recall before %": round(before.score, 1),
+                       "recall after %": round(after.score, 1), "change (points)": round(after.score - before.score, 1),
+                       "parse failures before": int(before.per_claim["failed_module"].notna().sum()),
+                       "parse failures after": int(after.per_claim["failed_module"].notna().sum())}
+    return pd.DataFrame(rows).T
+
+
+def results_path(profile: Profile, name: str):
+    return profile.cache_dir / "results" / f"{name}.json"
+
+
+def save_report(profile: Profile, key: str, report: EvalReport, **extra) -> None:
+    """Write a report to ``<cache>/results/<key>.json`` atomically (05 writes the baseline for 06)."""
+    payload = {**report.summary(), "score": report.score, "seconds": report.seconds, **extra,
+               "per_claim": report.per_claim.to_dict(orient="records")}
+    atomic.write_text(results_path(profile, key), json.dumps(payload, indent=1))
+
+
+def load_report(profile: Profile, key: str) -> EvalReport | None:
+    """The saved report, or None if 05 has not written it yet."""
+    path = results_path(profile, key)
+    if not path.exists():
+        return None
+    payload = json.loads(path.read_text())
+    return EvalReport(payload["system"], payload["score"], pd.DataFrame(payload["per_claim"]), payload["seconds"])
+
+
+def load_or_run(profile: Profile, key: str, program, examples, threads: int, name: str) -> EvalReport:
+    """The report saved under ``key`` if it covers the same claims, else run and save it (06 reuses 05's)."""
+    saved = load_report(profile, key)
+    if saved is not None and list(saved.per_claim["claim"]) == [ex.claim for ex in examples]:
+        return saved
+    report = run_eval(program, examples, threads=threads, name=name)
+    save_report(profile, key, report)
+    return report
+
+
+def subset_score(report: EvalReport, n: int) -> float:
+    """Recall (%) over the report's first ``n`` claims (06 compares the training curve's subset with it)."""
+    return 100 * float(report.per_claim["recall"].head(n).mean())

@@ -1,0 +1,87 @@
+"""ResearchHop with the real embedded model: the guided adapter, evaluation rows, the walkthrough."""
+
+import dspy
+import pytest
+
+from helpers import adapter_choice, evaluation, hover, lm_setup, retrieval
+from helpers.errors import TutorialError
+from helpers.guided_adapter import GuidedChatAdapter
+from helpers.research_hop import ResearchHop, walkthrough
+
+
+@pytest.fixture(scope="module")
+def setup(mini_cache):
+    lm = lm_setup.make_lm(mini_cache, temperature=0.0, cache=False)
+    _, dev, _ = hover.seed_splits(mini_cache)
+    return lm, retrieval.load_search(mini_cache), dev
+
+
+def test_guided_adapter_writes_the_markers_and_parses(setup):
+    lm, _, _ = setup
+    with dspy.context(lm=lm, adapter=GuidedChatAdapter()):
+        prediction = dspy.ChainOfThought("question -> answer")(question="What color is the sky on a clear day?")
+    assert prediction.reasoning.strip() and "blue" in prediction.answer.lower()
+    last = lm.history[-1]["messages"]
+    assert last[-1]["role"] == "assistant" and last[-1]["content"].endswith("[[ ## answer ## ]]\n")
+
+
+def test_guided_adapter_beats_stock_chat_adapter_on_both_predictors(setup):
+    lm, search, dev = setup
+    rates = adapter_choice.parse_rates(lm.copy(max_tokens=96), dev[:4], search, threads=4,
+                                       adapters=["ChatAdapter", "GuidedChatAdapter"])
+    assert rates.loc["GuidedChatAdapter", "total parsed"] >= 0.75
+    assert rates.loc["GuidedChatAdapter", "total parsed"] > rates.loc["ChatAdapter", "total parsed"]
+    assert adapter_choice.best_adapter(rates) == "GuidedChatAdapter"
+
+
+def test_run_eval_rows_match_the_claim_only_search_at_hop_0(setup):
+    lm, search, dev = setup
+    program = ResearchHop(num_docs=4, num_hops=2, search=search)
+    with dspy.context(lm=lm, adapter=GuidedChatAdapter()):
+        report = evaluation.run_eval(program, dev[:4], threads=4)
+    top4 = evaluation.claim_only_report(dev[:4], search, k=4)
+    rows = report.per_claim
+    assert len(rows) == 4 and report.score == pytest.approx(100 * rows["recall"].mean(), abs=0.01)
+    ok = rows["failed_module"].isna()
+    assert (rows.loc[ok, "found_hop0"] == top4.per_claim.loc[ok, "found_hop0"]).all()
+    assert (rows["recall"] >= top4.per_claim["recall"] - 1e-9)[ok].all()  # hop 1 only adds pages
+
+
+def test_parse_failures_score_zero_and_name_the_module(setup):
+    lm, search, dev = setup
+    program = ResearchHop(num_docs=4, num_hops=2, search=search)
+    with dspy.context(lm=lm.copy(max_tokens=8), adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
+        report = evaluation.run_eval(program, dev[:3], threads=3)
+    assert (report.per_claim["failed_module"] == "append_notes").all() and report.score == 0.0
+
+
+def test_walkthrough_lists_both_hops(setup):
+    lm, search, dev = setup
+    program = ResearchHop(num_docs=4, num_hops=2, search=search)
+    with dspy.context(lm=lm, adapter=GuidedChatAdapter()):
+        steps = walkthrough(program, dev[0])
+    names = [step for _, step in steps.index]
+    assert names == ["search(query, k=4)", "append_notes: reasoning", "append_notes: new_key_facts",
+                     "generate_query: reasoning", "generate_query: followup_search_query", "search(query, k=4)"]
+    assert steps.loc[(0, "search(query, k=4)"), "text"].count(",") == 3
+
+
+def test_adapter_choice_is_saved_and_bad_names_fail_in_one_line(mini_profile):
+    rates = adapter_choice.pd.DataFrame({"total parsed": [0.1, 0.9]}, index=["XMLAdapter", "JSONAdapter"])
+    adapter_choice.save_choice(mini_profile, adapter_choice.best_adapter(rates), rates)
+    assert isinstance(adapter_choice.chosen_adapter(mini_profile), dspy.JSONAdapter)
+    adapter_choice.save_choice(mini_profile, "NoSuchAdapter", rates)
+    with pytest.raises(TutorialError, match="re-run 04_research_hop") as err:
+        adapter_choice.chosen_adapter(mini_profile)
+    assert "\n" not in str(err.value)
+    adapter_choice._choice_path(mini_profile).unlink()
+    assert isinstance(adapter_choice.chosen_adapter(mini_profile), GuidedChatAdapter)  # the profile's default
+
+
+def test_reports_round_trip_through_the_cache(setup, mini_profile):
+    _, search, dev = setup
+    report = evaluation.claim_only_report(dev[:5], search, k=8)
+    evaluation.save_report(mini_profile, "unit", report)
+    again = evaluation.load_report(mini_profile, "unit")
+    assert again.score == report.score and again.per_claim.equals(report.per_claim)
+    assert evaluation.load_report(mini_profile, "missing") is None
