@@ -13,6 +13,7 @@ import math
 import time
 import uuid
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 from dspy.clients.provider import Provider, ReinforceJob
@@ -42,6 +43,14 @@ class StepLog:
     rollout_seconds: float = 0.0  # since the previous step ended: GRPO's rollouts and data preparation
     dev_recall: float | None = None
     checkpoint: str | None = None
+
+
+@contextmanager
+def quiet_peft():
+    """peft 0.21 reads a transformers property deprecated in v5 when it wraps a model; nothing to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def group_advantages(rewards, scale_rewards: bool) -> list[float]:
@@ -77,16 +86,15 @@ class LocalReinforceJob(ReinforceJob):
         kw = self.train_kwargs
         config = LoraConfig(task_type="CAUSAL_LM", **{**DEFAULT_LORA, **(kw.get("lora_config") or {})})
         with self.engine.lock:
+            torch.manual_seed(int(kw.get("seed", 0)))  # LoRA's A matrices start random
             peft_model = getattr(self.engine, "peft_model", None)
             if peft_model is None:
-                with warnings.catch_warnings():  # peft calls a transformers property deprecated in v5
-                    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                with quiet_peft():
                     peft_model = get_peft_model(self.engine.model, config, adapter_name=self.job_id)
                 self.engine.peft_model = peft_model
             else:
                 peft_model.add_adapter(self.job_id, config)
             peft_model.set_adapter(self.job_id)
-            torch.manual_seed(int(kw.get("seed", 0)))
             self.params = [p for n, p in peft_model.named_parameters() if self.job_id in n and "lora_" in n]
             for p in self.params:
                 p.requires_grad_(True)
@@ -131,7 +139,9 @@ class LocalReinforceJob(ReinforceJob):
         from pathlib import Path
 
         path = Path(self.checkpoint_dir) / self.job_id / checkpoint_name
-        with self.engine.lock, atomic.atomic_dir(path) as tmp:
+        with self.engine.lock, atomic.atomic_dir(path) as tmp, warnings.catch_warnings():
+            # peft looks for the base model's config.json where the GGUF was read from; the vocabulary is unchanged
+            warnings.filterwarnings("ignore", message="Could not find a config file")
             self.peft_model.save_pretrained(tmp, selected_adapters=[self.job_id])
             (tmp / "checkpoint.json").write_text(json.dumps({"score": score, "metadata": metadata or {}}, default=str))
         self.checkpoints[checkpoint_name] = {"path": str(path), "score": score}
@@ -261,12 +271,19 @@ def _completion_logprobs(model, tokenizer, encoded):
     return out, mask
 
 
-def _adapter_folder(path, adapter_name):
+def _adapter_folder(path, adapter_name=None):
+    """The folder holding ``adapter_config.json``: ``path`` itself, or the sub-folder peft writes for a named adapter."""
     from pathlib import Path
 
     folder = Path(path)
-    nested = folder / adapter_name
-    return nested if (nested / "adapter_model.safetensors").exists() else folder
+    if (folder / "adapter_config.json").exists():
+        return folder
+    nested = sorted(p.parent for p in folder.glob("*/adapter_config.json"))
+    if adapter_name and (folder / adapter_name / "adapter_config.json").exists():
+        return folder / adapter_name
+    if len(nested) == 1:
+        return nested[0]
+    raise TutorialError(f"no single LoRA adapter in {folder}: expected one adapter_config.json")
 
 
 class LocalGRPOProvider(Provider):

@@ -72,7 +72,7 @@ PRESETS = {
         description="CPU preset: SmolLM2-135M, LoRA, ~2-3 min per step on 2 cores",
         optimizer="GRPO",
         compile_kwargs=dict(num_dspy_examples_per_grpo_step=4, num_rollouts_per_grpo_step=4, exclude_demos=True,
-                            multitask=True, num_train_steps=6, num_threads=16, use_train_as_val=False,
+                            multitask=True, num_train_steps=4, num_threads=16, use_train_as_val=False,
                             num_steps_for_val=10, report_train_scores=False, failure_score=0.0,
                             format_failure_score=-1.0),
         train_kwargs={"per_device_train_batch_size": 8, "learning_rate": 2e-4, "beta": 0.0, "loss_type": "dapo",

@@ -119,21 +119,28 @@ def load_trained(profile: Profile, fresh_program, name: str = "researchhop_grpo"
     if not (folder / "program.json").exists():
         raise TutorialError(f"no trained program in {folder}: run 06_grpo_training first")
     engine = local_lm.live_engine(local_lm.MODEL_NAME)
-    if engine is None or getattr(engine, "peft_model", None) is None:
-        raise TutorialError("load_trained needs the embedded LM with LoRA layers: load it with lm_setup.make_lm first")
+    if engine is None:
+        raise TutorialError("load_trained needs the embedded LM: build it with lm_setup.make_lm(profile) first")
     activate_adapter(engine, folder / "adapter", adapter_name)
-    fresh_program.load(str(folder / "program.json"), allow_pickle=False)
+    # the saved LM names our engine class (helpers.local_lm.BatchingEngine); DSPy asks before importing it
+    fresh_program.load(str(folder / "program.json"), allow_pickle=False, allow_unsafe_lm_state=True)
     return fresh_program
 
 
 def activate_adapter(engine, path: Path, adapter_name: str) -> None:
     """Load a saved LoRA adapter from disk and make it the one the engine generates with."""
-    from helpers.grpo_backend import _adapter_folder
+    from peft import PeftModel
 
-    peft_model = engine.peft_model
-    with engine.lock:
-        if adapter_name in peft_model.peft_config:
-            peft_model.delete_adapter(adapter_name)
-        peft_model.load_adapter(str(_adapter_folder(path, "")), adapter_name=adapter_name)
-        peft_model.set_adapter(adapter_name)
-        peft_model.eval()
+    from helpers.grpo_backend import _adapter_folder, quiet_peft
+
+    folder = str(_adapter_folder(path))
+    with engine.lock, quiet_peft():
+        peft_model = getattr(engine, "peft_model", None)
+        if peft_model is None:  # a fresh kernel: wrap the original weights with the saved adapter
+            engine.peft_model = PeftModel.from_pretrained(engine.model, folder, adapter_name=adapter_name)
+        else:
+            if adapter_name in peft_model.peft_config:
+                peft_model.delete_adapter(adapter_name)
+            peft_model.load_adapter(folder, adapter_name=adapter_name)
+            peft_model.set_adapter(adapter_name)
+        engine.peft_model.eval()

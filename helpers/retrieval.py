@@ -66,6 +66,9 @@ class Search:
     def __len__(self):
         return len(self.docs)
 
+    def __deepcopy__(self, memo):
+        return self  # read-only and memory-mapped: copies of a program (DSPy makes them) share one index
+
 
 def build_index(corpus: list[str], folder: Path, fingerprint: str) -> Search:
     """Tokenize and index ``corpus`` with the seeds' settings, then save it atomically to ``folder``."""
