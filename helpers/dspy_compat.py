@@ -4,12 +4,15 @@ DSPy's ParallelExecutor (behind ``Evaluate`` and GRPO's rollouts) re-submits any
 after 120 s once three or fewer remain, and abandons the original. On a 2-core CPU a ResearchHop
 call routinely takes longer, so the same claim ran twice and the abandoned copies kept competing
 for the CPU. Within ``stragglers_not_resubmitted()`` that straggler timeout is off.
+
+DSPy also logs one line per failed example or unparsed rollout; ``loggers_quieted`` silences those
+where our per-claim tables and step logs count them instead.
 """
 
+import logging
 from contextlib import contextmanager
 
 from dspy.utils.parallelizer import ParallelExecutor
-
 
 
 @contextmanager
@@ -24,3 +27,21 @@ def stragglers_not_resubmitted():
         yield
     finally:
         ParallelExecutor.__init__.__defaults__ = defaults
+
+
+@contextmanager
+def loggers_quieted(level: int, *names: str, root_filter=None):
+    """Raise the named loggers to ``level`` (and add ``root_filter`` to the root logger) for the block."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(level)
+    if root_filter is not None:
+        logging.getLogger().addFilter(root_filter)
+    try:
+        yield
+    finally:
+        if root_filter is not None:
+            logging.getLogger().removeFilter(root_filter)
+        for lg, old in zip(loggers, levels):
+            lg.setLevel(old)

@@ -9,7 +9,6 @@ import json
 import logging
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import dspy
@@ -17,7 +16,7 @@ import pandas as pd
 from dspy.utils.exceptions import AdapterParseError
 
 from helpers import atomic
-from helpers.dspy_compat import stragglers_not_resubmitted
+from helpers.dspy_compat import loggers_quieted, stragglers_not_resubmitted
 from helpers.metrics import recall
 from helpers.profiles import Profile
 
@@ -65,25 +64,14 @@ def _module_name(program, signature):
     return "unknown"
 
 
-@contextmanager
-def _quiet_evaluate_errors():
-    """Evaluate logs every failed example; the per-claim table reports them instead."""
-    log = logging.getLogger("dspy.evaluate.evaluate")
-    level = log.level
-    log.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
-
-
 def run_eval(program, examples, threads: int, name: str = "ResearchHop", num_docs: int = 4) -> EvalReport:
     """``dspy.Evaluate`` with recall over ``examples``; returns an EvalReport (05, 06)."""
     wrapped = _RecordFailures(program)
     evaluate = dspy.Evaluate(devset=examples, metric=recall, num_threads=threads, max_errors=len(examples) + 1,
                              display_progress=False, display_table=False, failure_score=0.0)
     start = time.perf_counter()
-    with _quiet_evaluate_errors(), stragglers_not_resubmitted():
+    # Evaluate logs every failed example; the per-claim table reports them instead
+    with loggers_quieted(logging.CRITICAL, "dspy.evaluate.evaluate"), stragglers_not_resubmitted():
         result = evaluate(wrapped)
     seconds = time.perf_counter() - start
     rows = []

@@ -8,13 +8,12 @@ training curve. ``save_trained`` / ``load_trained`` write and read back the prog
 import json
 import logging
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
 
 from helpers import atomic, local_lm
-from helpers.dspy_compat import stragglers_not_resubmitted
+from helpers.dspy_compat import loggers_quieted, stragglers_not_resubmitted
 from helpers.errors import TutorialError
 from helpers.grpo_presets import GRPOPreset, train_kwargs_for
 from helpers.profiles import Profile
@@ -57,23 +56,11 @@ def train(program, trainset, lm, adapter, metric, preset: GRPOPreset, profile: P
     return trained, (jobs[-1] if jobs else None)
 
 
-@contextmanager
 def _quiet_grpo_logs():
     """GRPO warns once per unparsed rollout and per low-diversity group; the step log counts those instead."""
-    loggers = [logging.getLogger(n) for n in ("dspy.teleprompt.grpo", "dspy.teleprompt.bootstrap_trace",
-                                              "dspy.teleprompt.bootstrap_finetune", "dspy.utils.parallelizer",
-                                              "dspy.evaluate.evaluate")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    root = logging.getLogger()
-    root.addFilter(_drop_parse_failure_warnings)  # bootstrap_trace logs these on the root logger
-    try:
-        yield
-    finally:
-        root.removeFilter(_drop_parse_failure_warnings)
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+    return loggers_quieted(logging.ERROR, "dspy.teleprompt.grpo", "dspy.teleprompt.bootstrap_trace",
+                           "dspy.teleprompt.bootstrap_finetune", "dspy.utils.parallelizer", "dspy.evaluate.evaluate",
+                           root_filter=_drop_parse_failure_warnings)  # bootstrap_trace logs on the root logger
 
 
 def _drop_parse_failure_warnings(record: logging.LogRecord) -> bool:
