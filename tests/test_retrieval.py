@@ -1,8 +1,7 @@
-import bm25s
 import pytest
 import Stemmer
 
-from helpers import corpus, retrieval, sources
+from helpers import corpus, fast_index, hover, retrieval, seed_bm25, sources
 from helpers.errors import TutorialError
 
 
@@ -31,22 +30,50 @@ def test_abstracts_in_seed_format(abstracts):
     assert title and text and " | " not in title
 
 
-def test_search_returns_what_the_seed_function_returns(abstracts, tmp_path):
+@pytest.fixture(scope="module")
+def seed_retriever(abstracts):
+    return seed_bm25.build(abstracts)
+
+
+def _column(retriever, stem):
+    """(document, score) pairs of one stem's column, or None when the stem has no column ("")."""
+    s, i = retriever.scores, retriever.vocab_dict[stem]
+    if i >= len(s["indptr"]) - 1:
+        return None
+    a, b = s["indptr"][i], s["indptr"][i + 1]
+    return list(zip(s["indices"][a:b].tolist(), s["data"][a:b].tolist()))
+
+
+def test_fast_index_equals_the_seeds_bm25s_index(abstracts, seed_retriever):
+    ours = retrieval.index(abstracts, workers=2)
+    assert set(ours.vocab_dict) == set(seed_retriever.vocab_dict)
+    assert ours.scores["num_docs"] == seed_retriever.scores["num_docs"] == len(abstracts)
+    assert ours.scores["data"].dtype == seed_retriever.scores["data"].dtype
+    different = [stem for stem in seed_retriever.vocab_dict if _column(ours, stem) != _column(seed_retriever, stem)]
+    assert different == []  # same documents, bit-identical float32 scores, for every stem
+
+
+def test_fast_tokenize_is_the_same_on_one_or_two_workers(abstracts):
+    one = fast_index.tokenize(abstracts[:45_000], Stemmer.Stemmer("english"), workers=1)
+    two = fast_index.tokenize(abstracts[:45_000], Stemmer.Stemmer("english"), workers=2)
+    assert one.vocab == two.vocab and (one.ids == two.ids).all() and (one.offsets == two.offsets).all()
+
+
+def test_search_returns_what_the_seed_function_returns(abstracts, seed_retriever, mini_profile, tmp_path):
     ours = retrieval.build_index(abstracts, tmp_path / "idx", "fp")
     reloaded = retrieval.load_index(tmp_path / "idx", "fp")
-    # The seed's indexing and search code, verbatim in spirit, as the reference.
     stemmer = Stemmer.Stemmer("english")
-    retriever = bm25s.BM25(k1=0.9, b=0.4)
-    retriever.index(bm25s.tokenize(abstracts, stopwords="en", stemmer=stemmer, show_progress=False), show_progress=False)
-
-    def seed_search(query, k):
-        tokens = bm25s.tokenize(query, stopwords="en", stemmer=stemmer, show_progress=False)
-        results, scores = retriever.retrieve(tokens, k=k, n_threads=1, show_progress=False)
-        return list({abstracts[doc]: float(score) for doc, score in zip(results[0], scores[0])}.keys())
-
-    for query in ["film director born in a port town", "University of Port Zarso painter", "record label headquartered"]:
-        for k in (1, 4, 8):
-            assert ours(query, k) == reloaded(query, k) == seed_search(query, k)
+    trainset, devset, _ = hover.seed_splits(mini_profile)
+    # every claim, plus queries with no known word, only stopwords, repeats, and many tied scores
+    queries = [x.claim for x in trainset[:300] + devset] + [
+        "", "the of and", "zzzqqq unknownword", "city city cities", "The claim is not supported by any evidence.",
+        "film director born in a port town", "University of Port Zarso painter"]
+    for query in queries:
+        seed_docs, seed_scores = seed_bm25.search(seed_retriever, stemmer, query, 8)
+        for search in (ours, reloaded):
+            docs, scores = search.top_k(query, 8)
+            assert docs.tolist() == seed_docs.tolist() and scores.tolist() == seed_scores.tolist(), query
+        assert ours(query, 4) == [abstracts[d] for d in seed_docs[:4]]
 
 
 def test_stale_or_damaged_index_is_refused(abstracts, tmp_path):
