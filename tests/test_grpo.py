@@ -43,6 +43,21 @@ def test_group_advantages():
     assert scaled[0] == pytest.approx(0.5 / (math.sqrt(0.5) + 1e-4))
 
 
+def test_completion_logprobs_match_one_unpadded_row_at_a_time(trainable):
+    lm, engine, _ = trainable
+    tok, model = engine.tokenizer, engine.model
+    messages = _group(1, 0)[0]["messages"]
+    encoded = [grpo_backend._encode(tok, messages, c, 32) for c in ("Blue.", "It is a deep green colour, mostly.")]
+    encoded.append(grpo_backend._encode(tok, messages + [{"role": "user", "content": "And grass, at noon?"}], "Green.", 32))
+    with torch.no_grad():
+        batched, mask = grpo_backend._completion_logprobs(model, tok, encoded)
+        for row, (p, c) in enumerate(encoded):
+            logits = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1:-1]
+            alone = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(c)[:, None]).squeeze(-1)
+            assert mask[row].sum() == len(c)
+            assert torch.allclose(batched[row, : len(c)], alone, atol=2e-3), (row, batched[row], alone)
+
+
 def test_a_step_moves_the_preferred_completion_up(trainable):
     lm, engine, tmp_path = trainable
     job = _job(lm, tmp_path)
