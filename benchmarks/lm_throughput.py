@@ -6,6 +6,7 @@ the same GGUF when it happens to be installed (never a dependency), and the rati
 """
 
 import argparse
+import logging
 import os
 import shutil
 import tempfile
@@ -29,6 +30,8 @@ def main():
         model, tok, warm = local_lm.load_model(cache)
         print(f"load: cold (GGUF parse + convert) {cold.seconds:.1f} s · cached safetensors {warm.seconds:.1f} s")
         import dspy
+
+        logging.getLogger("dspy.clients.lm").setLevel(logging.ERROR)  # replies cut at --tokens are expected
 
         engine = local_lm.BatchingEngine(model, tok)
         lm = dspy.LM("local/bench", engine=engine, temperature=0.0, max_tokens=args.tokens, cache=False)
