@@ -281,7 +281,8 @@ def _completion_logprobs(model, tokenizer, encoded):
         ids[row, width - len(p) - len(c):] = torch.tensor(p + c)
         attention[row, width - len(p) - len(c):] = 1
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=keep + 1).logits[:, :-1]
+    logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=keep + 1,
+                   use_cache=False).logits[:, :-1]
     logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, width - keep:, None]).squeeze(-1)
     out = torch.zeros(len(encoded), keep)
     mask = torch.zeros(len(encoded), keep)
