@@ -60,7 +60,8 @@ class Search:
         return self._local.stemmer
 
     def __call__(self, query: str, k: int) -> list[str]:
-        return [self.docs[int(doc)] for doc in self.top_k(query, k)[0]]
+        # as the seed: identical abstracts collapse into one entry (it keys a dict by the text)
+        return list(dict.fromkeys(self.docs[int(doc)] for doc in self.top_k(query, k)[0]))
 
     def top_k(self, query: str, k: int):
         """``(doc_indices, scores)``: what the seed's ``retriever.retrieve`` returns for one query."""
