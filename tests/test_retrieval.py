@@ -113,3 +113,11 @@ def test_failed_build_leaves_previous_index_intact(abstracts, tmp_path, monkeypa
         retrieval.build_index(abstracts[:600], folder, "fp")
     assert len(retrieval.load_index(folder, "fp")) == 300
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+
+
+def test_identical_abstracts_collapse_as_in_the_seed(tmp_path):
+    docs = ["Alpha | river town harbor", "Alpha | river town harbor", "Beta | mountain pass"]
+    search = retrieval.build_index(docs, tmp_path / "idx", "fp")
+    seed_docs, _ = seed_bm25.search(seed_bm25.build(docs), search.stemmer, "river harbor", 2)
+    assert seed_docs.tolist() == search.top_k("river harbor", 2)[0].tolist() == [0, 1]
+    assert search("river harbor", 2) == ["Alpha | river town harbor"]
