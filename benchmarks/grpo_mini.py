@@ -28,7 +28,7 @@ def main():
     import dspy
 
     from helpers import adapter_choice, evaluation, grpo_backend, grpo_presets, grpo_training, hover, lm_setup
-    from helpers import metrics, retrieval, sources
+    from helpers import retrieval, sources
     from helpers.research_hop import ResearchHop
 
     sources.prepare(profile)
@@ -40,6 +40,7 @@ def main():
     dspy.configure(lm=eval_lm, adapter=adapter)
     preset = grpo_presets.get_preset("mini")
     steps = args.steps or preset.compile_kwargs["num_train_steps"]
+    reward = grpo_training.training_reward(preset, search)
 
     if not args.quick:
         before = evaluation.run_eval(ResearchHop(4, 2, search), evalset, profile.eval_threads)
@@ -48,7 +49,7 @@ def main():
     for seed in args.seeds:
         train_lm = lm_setup.make_lm(profile, trainable=True, temperature=preset.rollout_temperature)
         start = time.perf_counter()
-        trained, job = grpo_training.train(ResearchHop(4, 2, search), trainset, train_lm, adapter, metrics.recall,
+        trained, job = grpo_training.train(ResearchHop(4, 2, search), trainset, train_lm, adapter, reward,
                                            preset, profile, num_train_steps=steps, seed=seed)
         minutes = (time.perf_counter() - start) / 60
         for s in job.history:

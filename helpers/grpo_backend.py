@@ -122,7 +122,7 @@ class LocalReinforceJob(ReinforceJob):
         record.rollout_seconds = rollout_seconds
         self.history.append(record)
         on_step = self.train_kwargs.get("on_step")
-        score = record.mean_reward  # without a callback, checkpoints compete on mean rollout reward
+        score = None  # a step's rollout reward measures the weights before it, so it cannot rank this checkpoint
         if on_step is not None:  # e.g. 06 measures dev recall; unmeasured steps do not compete for "best"
             measured = on_step(record)
             score = record.dev_recall = None if measured is None else float(measured)
@@ -151,7 +151,7 @@ class LocalReinforceJob(ReinforceJob):
             self.best_checkpoint = checkpoint_name
 
     def terminate(self):
-        """Load the best checkpoint's adapter weights (if any) so the final program uses them."""
+        """Load the best-scoring checkpoint's adapter; with no scores at all, the last weights stay."""
         if self.best_checkpoint and self.best_checkpoint != self.last_checkpoint:
             self.load_adapter(self.checkpoints[self.best_checkpoint]["path"])
         self.peft_model.eval()
@@ -194,52 +194,83 @@ class LocalReinforceJob(ReinforceJob):
                        loss=loss_value, grad_norm=grad_norm, seconds=time.perf_counter() - start)
 
     def _update(self, items):
+        """Optimizer steps on ``items`` = (messages, completion, advantage).
+
+        Each optimizer step takes ``per_device_train_batch_size * gradient_accumulation_steps`` items (all of
+        them when ``gradient_accumulation_steps`` is unset), and the items are passed ``num_iterations`` times,
+        as in TRL. When that makes more than one step per batch, later steps see completions sampled by
+        older weights, so the loss becomes PPO's clipped ratio to the log-probabilities before the update
+        (``epsilon``, 0.2 by default).
+        """
         import torch
 
         kw = self.train_kwargs
         tok, model = self.engine.tokenizer, self.peft_model
         micro = int(kw.get("per_device_train_batch_size", 4))
+        accumulation = kw.get("gradient_accumulation_steps")
+        per_step = micro * int(accumulation) if accumulation else len(items)
+        iterations = int(kw.get("num_iterations", 1))
+        epsilon = float(kw.get("epsilon", 0.2))
+        clipped = iterations > 1 or per_step < len(items)
         loss_type, beta = kw.get("loss_type", "dapo"), float(kw.get("beta", 0.0))
         max_len = kw.get("max_completion_length") or 256
         encoded = [_encode(tok, messages, completion, max_len) for messages, completion, _ in items]
-        total_tokens = sum(len(c) for _, c in encoded)
+        advantages = torch.tensor([a for _, _, a in items], dtype=torch.float32)
         bf16 = local_lm.sampling_dtype() != torch.float32 and kw.get("bf16", True)
-        losses = []
+        chunks = [range(i, min(i + micro, j + per_step, len(items)))
+                  for j in range(0, len(items), per_step) for i in range(j, min(j + per_step, len(items)), micro)]
+        losses, norm = [], torch.tensor(0.0)
         checkpointing = bool(kw.get("gradient_checkpointing", True))  # on CPU: ~1/3 the peak memory, same time
         with self.engine.lock, _checkpointing(model, checkpointing):
+            old = {}
+            if clipped:  # the rollout policy's log-probabilities, before any step of this batch
+                model.eval()
+                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    for chunk in chunks:
+                        old[chunk.start] = _completion_logprobs(model, tok, [encoded[i] for i in chunk])[0].float()
             model.train()
-            self.optimizer.zero_grad(set_to_none=True)
-            for i in range(0, len(items), micro):
-                chunk = list(zip(encoded[i:i + micro], [a for _, _, a in items[i:i + micro]]))
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    logps, masks = _completion_logprobs(model, tok, [e for e, _ in chunk])
-                    if beta > 0:
-                        with torch.no_grad(), model.disable_adapter():
-                            ref, _ = _completion_logprobs(model, tok, [e for e, _ in chunk])
-                adv = torch.tensor([a for _, a in chunk], dtype=torch.float32)
-                per_token = -adv[:, None] * logps.float()
-                if beta > 0:
-                    diff = ref.float() - logps.float()
-                    per_token = per_token + beta * (torch.exp(diff) - diff - 1)
-                if loss_type == "grpo":  # mean over each completion, then over completions
-                    loss = ((per_token * masks).sum(1) / masks.sum(1).clamp(min=1)).sum() / len(items)
-                else:  # "dapo": every completion token counts once
-                    loss = (per_token * masks).sum() / max(1, total_tokens)
-                if not torch.isfinite(loss):
-                    log.warning("GRPO step %d: non-finite loss skipped", self._steps)
+            for _ in range(iterations):
+                for j in range(0, len(items), per_step):
+                    step_chunks = [c for c in chunks if j <= c.start < j + per_step]
+                    tokens = sum(len(encoded[i][1]) for c in step_chunks for i in c)
+                    completions = sum(len(c) for c in step_chunks)
                     self.optimizer.zero_grad(set_to_none=True)
-                    model.eval()
-                    return float("nan"), 0.0
-                loss.backward()
-                losses.append(loss.item())
-            norm = torch.nn.utils.clip_grad_norm_(self.params, float(kw.get("max_grad_norm", 1.0)))
-            if torch.isfinite(norm):
-                self.optimizer.step()
-            else:
-                log.warning("GRPO step %d: non-finite gradient skipped", self._steps)
-            self.optimizer.zero_grad(set_to_none=True)
+                    for chunk in step_chunks:
+                        batch = [encoded[i] for i in chunk]
+                        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                            logps, masks = _completion_logprobs(model, tok, batch)
+                            if beta > 0:
+                                with torch.no_grad(), model.disable_adapter():
+                                    ref, _ = _completion_logprobs(model, tok, batch)
+                        adv = advantages[chunk.start:chunk.stop, None]
+                        logps = logps.float()
+                        if clipped:
+                            ratio = torch.exp(logps - old[chunk.start])
+                            per_token = -torch.min(ratio * adv, ratio.clamp(1 - epsilon, 1 + epsilon) * adv)
+                        else:
+                            per_token = -adv * logps
+                        if beta > 0:
+                            diff = ref.float() - logps
+                            per_token = per_token + beta * (torch.exp(diff) - diff - 1)
+                        if loss_type == "grpo":  # mean over each completion, then over completions
+                            loss = ((per_token * masks).sum(1) / masks.sum(1).clamp(min=1)).sum() / completions
+                        else:  # "dapo": every completion token counts once
+                            loss = (per_token * masks).sum() / max(1, tokens)
+                        if not torch.isfinite(loss):
+                            log.warning("GRPO step %d: non-finite loss skipped", self._steps)
+                            self.optimizer.zero_grad(set_to_none=True)
+                            model.eval()
+                            return float("nan"), 0.0
+                        loss.backward()
+                        losses.append(loss.item())
+                    norm = torch.nn.utils.clip_grad_norm_(self.params, float(kw.get("max_grad_norm", 1.0)))
+                    if torch.isfinite(norm):
+                        self.optimizer.step()
+                    else:
+                        log.warning("GRPO step %d: non-finite gradient skipped", self._steps)
+                    self.optimizer.zero_grad(set_to_none=True)
             model.eval()
-        return sum(losses), float(norm)
+        return sum(losses) / max(1, iterations * len(range(0, len(items), per_step))), float(norm)
 
 
 @contextmanager

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from helpers import atomic, local_lm
+from helpers import atomic, local_lm, metrics
 from helpers.dspy_compat import loggers_quieted, stragglers_not_resubmitted
 from helpers.errors import TutorialError
 from helpers.grpo_presets import GRPOPreset, train_kwargs_for
@@ -31,6 +31,15 @@ def make_compiler(preset: GRPOPreset, metric, adapter, train_kwargs, **overrides
     from dspy.teleprompt.grpo import GRPO
 
     return GRPO(metric=metric, adapter=adapter, train_kwargs=train_kwargs, **kwargs)
+
+
+def training_reward(preset: GRPOPreset, search):
+    """The metric GRPO rewards rollouts with: the seeds' ``recall``, or ``ranked_recall`` where the preset says so."""
+    if preset.reward == "ranked_recall":
+        return metrics.ranked_recall(search)
+    if preset.reward != "recall":
+        raise TutorialError(f"preset {preset.name!r} names an unknown reward {preset.reward!r}: use recall or ranked_recall")
+    return metrics.recall
 
 
 def checkpoint_dir(profile: Profile) -> Path:

@@ -1,4 +1,4 @@
-"""The recall metric of the seeds and the claim-only BM25 baseline (03_hover_loading, 05_baseline_eval)."""
+"""The recall metric of the seeds, the claim-only BM25 baseline (03, 05) and GRPO's training reward (06)."""
 
 import dspy
 
@@ -14,3 +14,28 @@ def claim_only_recall(examples, search, k: int = 8) -> float:
     """Mean recall when the claim itself is the only query, with no LM: the floor a second hop must beat."""
     scores = [recall(ex, dspy.Prediction(retrieved_docs=search(ex.claim, k))) for ex in examples]
     return sum(scores) / len(scores)
+
+
+def ranked_recall(search, num_docs: int = 4, depth: int = 50, weight: float = 0.5):
+    """GRPO's training reward (06): ``recall`` plus partial credit for gold pages a query ranked just below the cut.
+
+    A gold page the program missed but one of the LM's queries (hops after 0) ranked at position r
+    (0-based, r < depth) adds ``weight * num_docs / (r + 1) / len(gold)``: always less than finding it,
+    more the nearer the cut. Hop 0 searches the claim itself, the same in every rollout, so only the
+    LM's queries earn credit. Evaluation keeps the seeds' ``recall``; this gives rollouts of the same
+    claim different rewards when none of them finds a new page, so GRPO still learns which query came closer.
+    """
+
+    def reward(example, pred, trace=None):
+        score = recall(example, pred)
+        gold = set(example.titles)
+        missing = gold - {doc.split(" | ")[0] for doc in pred.retrieved_docs}
+        best = {}
+        for query in (getattr(pred, "queries", None) or [])[1:]:
+            for rank, doc in enumerate(search(query, k=depth)):
+                title = doc.split(" | ")[0]
+                if title in missing and rank < best.get(title, depth):
+                    best[title] = rank
+        return score + sum(weight * num_docs / (rank + 1) for rank in best.values()) / len(example.titles)
+
+    return reward

@@ -1,7 +1,8 @@
 """The seeds' two-module multi-hop program (introduced in 04_research_hop).
 
-Same instructions, signatures and control flow as the seed; the only change is that the search
-function is passed in instead of being a notebook global.
+Same instructions, signatures and control flow as the seed. Two changes: the search function is passed
+in instead of being a notebook global, and the prediction also lists the queries searched (the
+training reward of 06 ranks gold pages under them).
 """
 
 import dspy
@@ -27,10 +28,12 @@ class ResearchHop(dspy.Module):
     def forward(self, claim: str) -> list[str]:
         key_facts = []
         retrieved_docs = []
+        queries = []
 
         for hop_idx in range(self.num_hops):
             query = self.generate_query(claim=claim, key_facts=key_facts).followup_search_query if hop_idx else claim
             search_results = self.search(query, k=self.num_docs)
+            queries.append(query)
             retrieved_docs.extend(search_results)
 
             if hop_idx == self.num_hops - 1:
@@ -39,7 +42,7 @@ class ResearchHop(dspy.Module):
             prediction = self.append_notes(claim=claim, key_facts=key_facts, new_search_results=search_results)
             key_facts.append(prediction.new_key_facts)
 
-        return dspy.Prediction(key_facts=key_facts, retrieved_docs=retrieved_docs)
+        return dspy.Prediction(key_facts=key_facts, retrieved_docs=retrieved_docs, queries=queries)
 
 
 def walkthrough(program: ResearchHop, example) -> pd.DataFrame:

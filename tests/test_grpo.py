@@ -109,7 +109,7 @@ def test_best_checkpoint_is_restored_on_terminate(trainable):
     lm, _, tmp_path = trainable
     job = _job(lm, tmp_path, initial_score=10.0)
     untrained = _lora_b(job)
-    job.step([{"batch_id": 0, "group": _group(1.0, 0.0)}], "grpo_chat")  # scored by mean reward 0.5 < 10
+    job.step([{"batch_id": 0, "group": _group(1.0, 0.0)}], "grpo_chat")  # unscored: no on_step callback
     assert not torch.equal(untrained, _lora_b(job))
     job.terminate()
     assert job.best_checkpoint == "step-0000" and torch.equal(untrained, _lora_b(job))
@@ -154,3 +154,22 @@ def test_arbor_config_warns_on_obsolete_gpu_ids(tmp_path):
     (tmp_path / "bad.yaml").write_text("a: [1,\n")
     with pytest.raises(TutorialError, match="not valid YAML"):
         arbor_config.read(tmp_path / "bad.yaml")
+
+
+def test_several_clipped_optimizer_steps_per_batch(trainable):
+    lm, engine, tmp_path = trainable
+    job = _job(lm, tmp_path, per_device_train_batch_size=1, gradient_accumulation_steps=1, num_iterations=2,
+               learning_rate=5e-4)
+    tok = engine.tokenizer
+    encoded = [grpo_backend._encode(tok, _group(1, 0)[0]["messages"], c, 16) for c in ("Blue.", "Green.")]
+    with torch.no_grad():
+        before, mask = grpo_backend._completion_logprobs(job.peft_model, tok, encoded)
+    steps = []
+    original = job.optimizer.step
+    job.optimizer.step = lambda *a, **k: steps.append(1) or original(*a, **k)
+    record = job.step([{"batch_id": 0, "group": _group(1.0, 0.0)}], "grpo_chat")
+    with torch.no_grad():
+        after, _ = grpo_backend._completion_logprobs(job.peft_model, tok, encoded)
+    gain = ((after - before) * mask).sum(1)
+    assert len(steps) == 4  # 2 completions, one per optimizer step, 2 passes
+    assert gain[0] > 0 > gain[1] and math.isfinite(record.loss), gain

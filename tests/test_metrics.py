@@ -30,3 +30,37 @@ def test_claim_only_recall():
     search = lambda query, k: {"q1": ["A | x", "Q | y"], "q2": ["C | z"]}[query][:k]
     assert metrics.claim_only_recall(examples, search, k=8) == pytest.approx(0.75)
     assert metrics.claim_only_recall(examples, search, k=1) == pytest.approx(0.75)
+
+
+def test_ranked_recall_credits_gold_pages_just_below_the_cut():
+    ranked = {"claim": ["C | c"] * 5, "q0": ["A | a", "X | x", "Y | y", "Z | z", "B | b"],
+              "q1": ["X | x"] * 7 + ["B | b", "W | w", "C | c"]}
+    reward = metrics.ranked_recall(lambda query, k: ranked[query][:k], num_docs=4, depth=50, weight=0.5)
+    example = dspy.Example(titles=["A", "B", "C"])
+    # hop 0 searched the claim (the same in every rollout): its ranks earn nothing
+    pred = dspy.Prediction(retrieved_docs=["A | a", "X | x"], queries=["claim", "q0", "q1"])
+    # A found (1/3); B best ranked 4th-from-zero by q0: 0.5*4/5/3; C ranked 9 by q1: 0.5*4/10/3
+    assert reward(example, pred) == pytest.approx(1 / 3 + 0.4 / 3 + 0.2 / 3)
+    assert reward(dspy.Example(titles=["A"]), pred) == 1.0  # nothing missing: plain recall
+    assert reward(example, dspy.Prediction(retrieved_docs=["A | a"])) == pytest.approx(1 / 3)  # no queries known
+    shallow = metrics.ranked_recall(lambda query, k: ranked[query][:k], num_docs=4, depth=5)
+    assert shallow(example, pred) == pytest.approx(1 / 3 + 0.4 / 3)  # C lies below the depth searched
+
+
+def test_ranked_recall_on_the_mini_world_stays_below_the_next_found_page(mini_cache):
+    from helpers import hover, retrieval
+
+    search = retrieval.load_search(mini_cache)
+    reward = metrics.ranked_recall(search)
+    _, devset, _ = hover.seed_splits(mini_cache)
+    bonuses = []
+    for ex in devset[:40]:
+        pred = dspy.Prediction(retrieved_docs=search(ex.claim, k=4), queries=[ex.claim, ex.claim])
+        plain = metrics.recall(ex, pred)
+        missing = sum(t not in {d.split(" | ")[0] for d in pred.retrieved_docs} for t in set(ex.titles))
+        bonus = reward(ex, pred) - plain
+        assert 0 <= bonus <= 0.4 * missing / len(ex.titles) + 1e-9, (ex.claim, bonus)
+        bonuses.append(bonus)
+    assert sum(b > 0 for b in bonuses) >= 10  # the claim ranks many missed gold pages within the top 50
+    hop0_only = dspy.Prediction(retrieved_docs=search(devset[0].claim, k=4), queries=[devset[0].claim])
+    assert reward(devset[0], hop0_only) == metrics.recall(devset[0], hop0_only)
