@@ -217,8 +217,7 @@ class LocalReinforceJob(ReinforceJob):
         encoded = [_encode(tok, messages, completion, max_len) for messages, completion, _ in items]
         advantages = torch.tensor([a for _, _, a in items], dtype=torch.float32)
         bf16 = local_lm.sampling_dtype() != torch.float32 and kw.get("bf16", True)
-        chunks = [range(i, min(i + micro, j + per_step, len(items)))
-                  for j in range(0, len(items), per_step) for i in range(j, min(j + per_step, len(items)), micro)]
+        steps = _optimizer_steps(len(items), micro, per_step)
         losses, norm = [], torch.tensor(0.0)
         checkpointing = bool(kw.get("gradient_checkpointing", True))  # on CPU: ~1/3 the peak memory, same time
         with self.engine.lock, _checkpointing(model, checkpointing):
@@ -226,12 +225,11 @@ class LocalReinforceJob(ReinforceJob):
             if clipped:  # the rollout policy's log-probabilities, before any step of this batch
                 model.eval()
                 with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    for chunk in chunks:
+                    for chunk in (c for step_chunks in steps for c in step_chunks):
                         old[chunk.start] = _completion_logprobs(model, tok, [encoded[i] for i in chunk])[0].float()
             model.train()
             for _ in range(iterations):
-                for j in range(0, len(items), per_step):
-                    step_chunks = [c for c in chunks if j <= c.start < j + per_step]
+                for step_chunks in steps:
                     tokens = sum(len(encoded[i][1]) for c in step_chunks for i in c)
                     completions = sum(len(c) for c in step_chunks)
                     self.optimizer.zero_grad(set_to_none=True)
@@ -270,7 +268,13 @@ class LocalReinforceJob(ReinforceJob):
                         log.warning("GRPO step %d: non-finite gradient skipped", self._steps)
                     self.optimizer.zero_grad(set_to_none=True)
             model.eval()
-        return sum(losses) / max(1, iterations * len(range(0, len(items), per_step))), float(norm)
+        return sum(losses) / max(1, iterations * len(steps)), float(norm)
+
+
+def _optimizer_steps(n: int, micro: int, per_step: int) -> list[list[range]]:
+    """Split ``n`` items into optimizer steps of ``per_step`` items, each a list of micro-batches (index ranges)."""
+    return [[range(i, min(i + micro, j + per_step, n)) for i in range(j, min(j + per_step, n), micro)]
+            for j in range(0, n, per_step)]
 
 
 @contextmanager
