@@ -370,16 +370,24 @@ def _hover_features():
     })
 
 
-def publish(dest: Path, seed: int = 0) -> dict:
-    """Write the world where the mini profile "downloads" it from; returns {name: path}. Skips what exists."""
+def publish(dest: Path, seed: int = 0, expected: dict | None = None) -> dict:
+    """Write the world where the mini profile "downloads" it from; returns {name: path}.
+
+    Files already there are kept, unless ``expected`` ({path relative to ``dest``: sha256}) says one
+    is damaged: the world is ours, so it is generated again and rewritten.
+    """
     from datasets import Dataset
     import datasets as hf_datasets
+
+    from helpers.downloads import sha256_of
 
     dest = Path(dest)
     archive = dest / CORPUS_ARCHIVE
     hover = dest / HOVER_FOLDER
     wanted = [archive] + [hover / rel for rel in HOVER_FILES.values()]
-    if all(p.exists() for p in wanted):
+    intact = all(p.is_file() for p in wanted) and all(
+        sha256_of(dest / rel) == sha for rel, sha in (expected or {}).items() if sha)
+    if intact:
         return {"corpus": archive, "hover": hover}
     world = generate(seed)
     atomic.write_bytes(archive, corpus_archive_bytes(world))

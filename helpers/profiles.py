@@ -22,6 +22,7 @@ class Source:
     url: str
     sha256: str | None
     member: str = ""  # the file inside the archive that the notebooks read
+    lines: int | None = None  # how many lines ``member`` has, when known (checked at extraction)
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ def _mini() -> Profile:
             url=(cache / "source" / "wiki.abstracts.2017.tar.gz").as_uri(),
             sha256=MINI_CORPUS_SHA256,
             member="wiki.abstracts.2017.jsonl",
+            lines=20_340,
         ),
         hover_dataset=str(cache / "source" / "hover-parquet"),
         hover_sha256=MINI_HOVER_SHA256,

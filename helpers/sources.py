@@ -14,7 +14,9 @@ from helpers.profiles import Profile
 def prepare(profile: Profile) -> None:
     """Mini: generate and publish the mini world if it is not there yet (about 3 s). Full: nothing."""
     if profile.name == "mini":
-        mini_world.publish(profile.source_dir, seed=profile.seed)
+        expected = {mini_world.CORPUS_ARCHIVE: profile.corpus.sha256}
+        expected.update({f"{mini_world.HOVER_FOLDER}/{rel}": sha for rel, sha in profile.hover_sha256.items()})
+        mini_world.publish(profile.source_dir, seed=profile.seed, expected=expected)
 
 
 def corpus_archive(profile: Profile, progress: bool = True) -> Path:
@@ -24,7 +26,8 @@ def corpus_archive(profile: Profile, progress: bool = True) -> Path:
 
 def corpus_file(profile: Profile, progress: bool = True) -> Path:
     """The extracted ``wiki.abstracts.2017.jsonl``."""
-    return downloads.extract_member(corpus_archive(profile, progress), profile.corpus.member, profile.data_dir)
+    return downloads.extract_member(corpus_archive(profile, progress), profile.corpus.member, profile.data_dir,
+                                    expected_lines=profile.corpus.lines)
 
 
 def hover_folder(profile: Profile) -> str:

@@ -115,3 +115,185 @@ def test_missing_member_is_one_line(tmp_path):
     archive = _archive(tmp_path, [("other.jsonl", b"{}\n")])
     with pytest.raises(TutorialError, match="has no file 'wiki.jsonl'"):
         downloads.extract_member(archive, "wiki.jsonl", tmp_path / "out")
+
+
+# --- round 2: unpinned downloads verify what they can, misbehaving servers, concurrency ---------------------------
+
+def _jsonl(lines=4000, seed=1):
+    import random
+
+    rng = random.Random(seed)
+    words = [f"w{rng.randrange(10**6)}" for _ in range(5000)]
+    return "".join(f'{{"title": "T{i}", "text": ["{" ".join(rng.choices(words, k=12))}"]}}\n'
+                   for i in range(lines)).encode()
+
+
+ARCHIVE = _tar_gz([("wiki.jsonl", _jsonl())])
+ARCHIVE_SHA = hashlib.sha256(ARCHIVE).hexdigest()
+
+
+@pytest.fixture
+def archive_server():
+    with FileServer() as s:
+        s.files["/a/wiki.tar.gz"] = ARCHIVE
+        yield s
+
+
+def _unpinned(server, tmp_path):
+    return downloads.fetch(server.url + "/a/wiki.tar.gz", tmp_path, sha256=None, progress=False)
+
+
+def test_unpinned_download_is_checked_and_its_sha_recorded(archive_server, tmp_path, capsys):
+    path = _unpinned(archive_server, tmp_path)
+    assert path.read_bytes() == ARCHIVE and downloads.verified_sha256(path) == ARCHIVE_SHA
+    assert f"recorded sha256 {ARCHIVE_SHA[:16]}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("how", ["content-type", "sniffed"])
+def test_unpinned_html_page_is_refused(archive_server, tmp_path, how):
+    archive_server.files["/a/wiki.tar.gz"] = b"<!DOCTYPE html>\n<html><body>Sign in to continue</body></html>\n"
+    if how == "content-type":
+        archive_server.content_type["/a/wiki.tar.gz"] = "text/html; charset=utf-8"
+    with pytest.raises(TutorialError, match="the server returned an HTML page, not the archive") as err:
+        _unpinned(archive_server, tmp_path)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "wiki.tar.gz").exists() and not (tmp_path / "wiki.tar.gz.part").exists()
+
+
+def test_unpinned_truncated_body_without_length_is_resumed_not_verified(archive_server, tmp_path):
+    archive_server.no_length.add("/a/wiki.tar.gz")
+    archive_server.cut["/a/wiki.tar.gz"] = len(ARCHIVE) // 2
+    with pytest.raises(TutorialError, match="incomplete.*run again to resume"):
+        _unpinned(archive_server, tmp_path)
+    assert not (tmp_path / "wiki.tar.gz").exists()
+    assert _unpinned(archive_server, tmp_path).read_bytes() == ARCHIVE
+    assert archive_server.requests[-1][1] == f"bytes={len(ARCHIVE) // 2}-"
+
+
+def test_unpinned_206_from_byte_zero_is_not_appended(archive_server, tmp_path):
+    archive_server.cut["/a/wiki.tar.gz"] = 100_000
+    with pytest.raises(TutorialError, match="run again to resume"):
+        _unpinned(archive_server, tmp_path)
+    archive_server.range_from_zero.add("/a/wiki.tar.gz")
+    assert _unpinned(archive_server, tmp_path).read_bytes() == ARCHIVE
+
+
+def test_unpinned_overlong_part_is_discarded(archive_server, tmp_path):
+    (tmp_path / "wiki.tar.gz.part").write_bytes(ARCHIVE + b"left over from something else" * 100)
+    assert _unpinned(archive_server, tmp_path).read_bytes() == ARCHIVE
+
+
+def test_unpinned_corrupt_gzip_is_refused(archive_server, tmp_path):
+    bad = bytearray(ARCHIVE)
+    bad[len(bad) // 2] ^= 0x10
+    archive_server.files["/a/wiki.tar.gz"] = bytes(bad)
+    with pytest.raises(TutorialError, match="corrupt") as err:
+        _unpinned(archive_server, tmp_path)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "wiki.tar.gz").exists() and (tmp_path / "wiki.tar.gz.corrupt").exists()
+
+
+def test_chunked_truncation_is_one_line_and_resumes(archive_server, tmp_path):
+    archive_server.chunked.add("/a/wiki.tar.gz")
+    archive_server.cut["/a/wiki.tar.gz"] = 150_000
+    with pytest.raises(TutorialError, match="run again to resume") as err:
+        downloads.fetch(archive_server.url + "/a/wiki.tar.gz", tmp_path, sha256=ARCHIVE_SHA, progress=False)
+    assert "\n" not in str(err.value)
+    path = downloads.fetch(archive_server.url + "/a/wiki.tar.gz", tmp_path, sha256=ARCHIVE_SHA, progress=False)
+    assert path.read_bytes() == ARCHIVE
+
+
+def test_wrong_pin_on_a_fresh_download_says_the_pin_may_be_wrong(server, tmp_path):
+    with pytest.raises(TutorialError, match="pinned sha256 .* may be wrong") as err:
+        downloads.fetch(server.url + "/data/corpus.tar.gz", tmp_path, sha256="0" * 64, progress=False)
+    assert "run again" not in str(err.value)
+
+
+def test_already_downloaded_file_with_a_wrong_sha_is_set_aside_and_fetched_again(server, tmp_path):
+    url = server.url + "/data/corpus.tar.gz"
+    path = downloads.fetch(url, tmp_path, sha256=SHA, progress=False)
+    path.write_bytes(b"x" * len(PAYLOAD))  # same size, new mtime: the stamp no longer vouches for it
+    assert downloads.fetch(url, tmp_path, sha256=SHA, progress=False).read_bytes() == PAYLOAD
+    assert (tmp_path / "corpus.tar.gz.corrupt").read_bytes() == b"x" * len(PAYLOAD)
+    assert len(server.requests) == 2
+
+
+def test_two_downloads_of_the_same_file_at_once(server, tmp_path):
+    import threading
+
+    server.delay["/data/corpus.tar.gz"] = 0.05  # ~0.8 s per download, so the two overlap
+    results, errors = [], []
+
+    def one():
+        try:
+            results.append(downloads.fetch(server.url + "/data/corpus.tar.gz", tmp_path, sha256=SHA, progress=False))
+        except Exception as exc:  # noqa: BLE001 - the test reports whatever escaped
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and [p.read_bytes() == PAYLOAD for p in results] == [True, True]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [
+        "corpus.tar.gz", "corpus.tar.gz.verified.json"]
+
+
+def test_tar_without_end_marker_is_refused(tmp_path):
+    import gzip
+
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        data = _jsonl(50)
+        info = tarfile.TarInfo("wiki.jsonl")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    body = raw.getvalue()
+    header_and_data = 512 + (len(data) + 511) // 512 * 512
+    path = tmp_path / "a.tar.gz"
+    path.write_bytes(gzip.compress(body[:header_and_data]))  # a valid gzip of a tar cut before its end blocks
+    with pytest.raises(TutorialError, match="end-of-archive marker"):
+        downloads.extract_member(path, "wiki.jsonl", tmp_path / "out")
+
+
+def test_single_bit_flips_never_give_a_silently_wrong_jsonl(mini_cache, tmp_path):
+    from helpers import mini_world
+
+    good = (mini_cache.source_dir / mini_world.CORPUS_ARCHIVE).read_bytes()
+    expected = downloads.extract_member(mini_cache.source_dir / mini_world.CORPUS_ARCHIVE,
+                                        mini_world.CORPUS_MEMBER, tmp_path / "ref").read_bytes()
+    flipped = tmp_path / "flipped.tar.gz"
+    silent = []
+    for i, position in enumerate(list(range(0, 24)) + list(range(100, len(good) - 8, len(good) // 30))
+                                 + list(range(len(good) - 8, len(good)))):
+        data = bytearray(good)
+        data[position] ^= 1 << (i % 8)
+        flipped.write_bytes(bytes(data))
+        try:
+            out = downloads.extract_member(flipped, mini_world.CORPUS_MEMBER, tmp_path / f"out{i}")
+        except TutorialError:
+            continue
+        if out.read_bytes() != expected:
+            silent.append(position)
+    assert silent == []
+
+
+def test_truncated_extracted_jsonl_is_not_reused(tmp_path):
+    source = tmp_path / "src" / "wiki.tar.gz"
+    source.parent.mkdir()
+    source.write_bytes(ARCHIVE)
+    archive = downloads.fetch(source.as_uri(), tmp_path / "dl", sha256=ARCHIVE_SHA, progress=False)
+    jsonl = downloads.extract_member(archive, "wiki.jsonl", tmp_path / "data")
+    full = jsonl.read_bytes()
+    jsonl.write_bytes(b"".join(full.splitlines(keepends=True)[:1000]))  # cut at a line boundary
+    assert downloads.extract_member(archive, "wiki.jsonl", tmp_path / "data").read_bytes() == full
+    jsonl.write_bytes(full.replace(b"T1", b"T9", 1))  # same size, different bytes
+    assert downloads.extract_member(archive, "wiki.jsonl", tmp_path / "data").read_bytes() == full
+
+
+def test_extracted_line_count_is_checked_when_known(tmp_path):
+    archive = _archive(tmp_path, [("wiki.jsonl", _jsonl(30))])
+    with pytest.raises(TutorialError, match="has 30 lines, expected 31"):
+        downloads.extract_member(archive, "wiki.jsonl", tmp_path / "out", expected_lines=31)
+    assert downloads.extract_member(archive, "wiki.jsonl", tmp_path / "out", expected_lines=30).exists()

@@ -17,7 +17,7 @@ def test_same_seed_same_bytes(tmp_path, mini_cache):
 
 
 def test_corpus_size_and_schema(world):
-    assert len(world.pages) >= 20_000
+    assert len(world.pages) == 20_340
     titles = [p.title for p in world.pages]
     assert len(set(titles)) == len(titles)
     assert all(isinstance(p.text, list) and p.text and all(isinstance(s, str) for s in p.text) for p in world.pages)
@@ -64,8 +64,24 @@ def test_claim_only_recall_leaves_room_for_a_second_hop(world, tmp_path):
     filtered = hover.three_hop_unique([dspy.Example(**r) for r in world.claims["train"]])
     random.Random(0).shuffle(filtered)
     dev = filtered[600:900]
-    assert 0.3 <= metrics.claim_only_recall(dev, search, k=8) <= 0.7
+    assert round(metrics.claim_only_recall(dev, search, k=8), 3) == 0.422  # the value 03_hover_loading shows
     # Hidden pages are reachable only by reading: the claim alone almost never retrieves them.
     hidden = [(ex.claim, t) for ex in filtered for t in ex.titles if not _named(t, ex.claim)]
     found = sum(t in {d.split(" | ")[0] for d in search(claim, 8)} for claim, t in hidden)
     assert found / len(hidden) < 0.06
+
+
+def test_damaged_published_source_is_rewritten_not_looped_on(tmp_path, monkeypatch):
+    from helpers import sources
+
+    monkeypatch.setenv(profiles.CACHE_ENV, str(tmp_path))
+    profile = profiles.get_profile("mini")
+    sources.prepare(profile)
+    source = profile.source_dir / mini_world.CORPUS_ARCHIVE
+    data = bytearray(source.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    source.write_bytes(bytes(data))
+    sources.prepare(profile)  # as the notebooks and load_search do before every download
+    archive = sources.corpus_archive(profile, progress=False)
+    assert downloads.verified_sha256(archive) == profiles.MINI_CORPUS_SHA256
+    assert len(sources.corpus_file(profile, progress=False).read_text().splitlines()) == profile.corpus.lines == 20_340
