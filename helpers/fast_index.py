@@ -132,17 +132,21 @@ def _scores(data, indices, indptr, num_docs, ids):
     scores = np.zeros(num_docs, dtype=np.float32)
     n_columns = len(indptr) - 1
     for t in ids:
-        if t < n_columns:  # "" has no column: an empty query scores every document 0
+        if 0 <= t < n_columns:  # "" has no column: an empty query scores every document 0
             for j in range(indptr[t], indptr[t + 1]):
-                scores[indices[j]] += data[j]
+                d = indices[j]
+                if 0 <= d < num_docs:  # load_index refuses such an index; never write outside the array
+                    scores[d] += data[j]
     return scores
 
 
 @numba.njit(cache=True, nogil=True)
 def _top_k(scores, k):
     """Indices of the k highest scores, higher first, ties to the lower index (jax.lax.top_k's order)."""
-    k = min(k, len(scores))
+    k = max(0, min(k, len(scores)))
     best = np.empty(k, dtype=np.int64)
+    if k == 0:  # best[k - 1] below would read before the array
+        return best
     filled = 0
     for i in range(len(scores)):
         s = scores[i]
@@ -159,7 +163,10 @@ def _top_k(scores, k):
 
 
 def top_k(scores_index: dict, ids: list[int], k: int):
-    """``(doc_indices, scores)`` of the k best documents for stem ``ids`` (releases the GIL while scoring)."""
+    """``(doc_indices, scores)`` of the k best documents for stem ``ids`` (releases the GIL while scoring).
+
+    ``k`` of 0 gives empty arrays; a larger ``k`` than there are documents gives every document.
+    """
     s = scores_index
     scores = _scores(s["data"], s["indices"], s["indptr"], s["num_docs"], np.asarray(ids, dtype=np.int64))
     best = _top_k(scores, k)

@@ -21,16 +21,33 @@ K1, B = 0.9, 0.4
 INDEX_FORMAT = 2  # 2: built by fast_index (stem ids in first-seen order)
 
 
+def _encoded(docs: list[str]):
+    """Each document as UTF-8; a non-string or a lone surrogate (from a JSON ``\\ud800`` escape) is a one-line error."""
+    for i, doc in enumerate(docs):
+        if not isinstance(doc, str):
+            raise TutorialError(f"document {i} is a {type(doc).__name__}, not a string: pass the corpus as a list of \"title | text\" strings")
+        try:
+            yield doc.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise TutorialError(f"document {i} ({doc[:40]!r}…) is not valid Unicode ({exc.reason} at character {exc.start}): fix or drop it in the corpus") from None
+
+
 class DocStore:
     """The corpus strings as one UTF-8 blob plus offsets, memory-mapped so a reload costs nothing."""
 
     def __init__(self, folder: Path):
-        self.offsets = np.load(Path(folder) / "offsets.npy", mmap_mode="r")
-        self.blob = np.memmap(Path(folder) / "docs.bin", dtype=np.uint8, mode="r") if self.offsets[-1] else np.zeros(0, np.uint8)
+        self.folder = Path(folder)
+        self.offsets = np.load(self.folder / "offsets.npy", mmap_mode="r")
+        if self.offsets.ndim != 1 or len(self.offsets) == 0 or self.offsets[0] != 0 or np.any(np.diff(self.offsets) < 0):
+            raise ValueError("offsets.npy is not an increasing list of document offsets")
+        size = (self.folder / "docs.bin").stat().st_size
+        if size != self.offsets[-1]:
+            raise ValueError(f"docs.bin has {size:,} bytes, the offsets need {int(self.offsets[-1]):,}")
+        self.blob = np.memmap(self.folder / "docs.bin", dtype=np.uint8, mode="r") if self.offsets[-1] else np.zeros(0, np.uint8)
 
     @staticmethod
     def write(folder: Path, docs: list[str]) -> None:
-        encoded = [d.encode("utf-8") for d in docs]
+        encoded = list(_encoded(docs))
         offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
         np.cumsum([len(e) for e in encoded], out=offsets[1:])
         with open(Path(folder) / "docs.bin", "wb") as f:
@@ -42,7 +59,10 @@ class DocStore:
         return len(self.offsets) - 1
 
     def __getitem__(self, i):
-        return bytes(self.blob[self.offsets[i]:self.offsets[i + 1]]).decode("utf-8")
+        try:
+            return bytes(self.blob[self.offsets[i]:self.offsets[i + 1]]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise TutorialError(f"index at {self.folder} is damaged (document {i} is not valid UTF-8): delete the folder and run 02_corpus_indexing to rebuild it") from None
 
 
 class Search:
@@ -64,9 +84,16 @@ class Search:
         return list(dict.fromkeys(self.docs[int(doc)] for doc in self.top_k(query, k)[0]))
 
     def top_k(self, query: str, k: int):
-        """``(doc_indices, scores)``: what the seed's ``retriever.retrieve`` returns for one query."""
+        """``(doc_indices, scores)``: what the seed's ``retriever.retrieve`` returns for one query.
+
+        ``k=0`` gives no documents (as the seed's ``search``); a negative or fractional ``k`` is an error.
+        """
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+            raise TutorialError(f"k must be a whole number of documents, 0 or more, not {k!r}: e.g. search(query, k=4)")
+        if not isinstance(query, str):
+            raise TutorialError(f"the query must be a string, not {type(query).__name__}: e.g. search(\"a claim\", k=4)")
         ids = fast_index.query_ids(query, self.stemmer, self.retriever.vocab_dict)
-        return fast_index.top_k(self.retriever.scores, ids, k)
+        return fast_index.top_k(self.retriever.scores, ids, int(k))
 
     def __len__(self):
         return len(self.docs)
@@ -88,6 +115,8 @@ def index(corpus: list[str], workers: int | None = None) -> bm25s.BM25:
 
 def build_index(corpus: list[str], folder: Path, fingerprint: str, workers: int | None = None) -> Search:
     """Tokenize and index ``corpus`` with the seeds' settings, then save it atomically to ``folder``."""
+    for _ in _encoded(corpus):  # a bad document fails here, in one line, before minutes of indexing
+        pass
     retriever = index(corpus, workers)
     save_index(retriever, corpus, folder, fingerprint)
     return Search(retriever, corpus)
@@ -118,9 +147,22 @@ def load_index(folder: Path, fingerprint: str) -> Search:
         docs = DocStore(folder)
         if len(docs) != meta["num_docs"] or retriever.scores["num_docs"] != meta["num_docs"]:
             raise ValueError("document count does not match meta.json")
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        _check_postings(retriever.scores, len(retriever.vocab_dict))
+    except (OSError, ValueError, KeyError, TypeError, IndexError, json.JSONDecodeError) as exc:
         raise TutorialError(f"index at {folder} is damaged ({exc}): run 02_corpus_indexing to rebuild it") from None
     return Search(retriever, docs)
+
+
+def _check_postings(scores: dict, vocab_size: int) -> None:
+    """The posting lists fit together and name only existing documents (else a query reads outside memory)."""
+    data, indices, indptr, num_docs = scores["data"], scores["indices"], scores["indptr"], scores["num_docs"]
+    if indptr.ndim != 1 or len(indptr) != vocab_size or indptr[0] != 0 or np.any(np.diff(indptr) < 0):
+        raise ValueError("the posting-list pointers do not match the vocabulary")
+    if not len(data) == len(indices) == indptr[-1]:
+        raise ValueError(f"{len(indices):,} posting ids and {len(data):,} scores for {int(indptr[-1]):,} postings")
+    if len(indices) and (indices.min() < 0 or indices.max() >= num_docs):
+        raise ValueError(f"posting ids run from {int(indices.min()):,} to {int(indices.max()):,}, "
+                         f"outside the {num_docs:,} documents")
 
 
 def fingerprint(profile) -> str:

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import Stemmer
 
@@ -25,7 +27,7 @@ def test_corpus_file_errors_are_one_line(tmp_path):
 
 
 def test_abstracts_in_seed_format(abstracts):
-    assert len(abstracts) >= 20_000
+    assert len(abstracts) == 20_340
     title, text = abstracts[0].split(" | ", 1)
     assert title and text and " | " not in title
 
@@ -98,7 +100,9 @@ def test_load_search_rebuilds_a_damaged_cache(mini_profile, capsys):
     again = retrieval.load_search(mini_profile)
     assert "is damaged" in capsys.readouterr().out
     assert again("painting acquired by a gallery", 3) == first("painting acquired by a gallery", 3)
-    assert retrieval.load_index(mini_profile.index_dir, retrieval.fingerprint(mini_profile))
+    reloaded = retrieval.load_index(mini_profile.index_dir, retrieval.fingerprint(mini_profile))
+    assert len(reloaded) == len(first) == 20_340
+    assert reloaded("painting acquired by a gallery", 3) == first("painting acquired by a gallery", 3)
 
 
 def test_failed_build_leaves_previous_index_intact(abstracts, tmp_path, monkeypatch):
@@ -121,3 +125,107 @@ def test_identical_abstracts_collapse_as_in_the_seed(tmp_path):
     seed_docs, _ = seed_bm25.search(seed_bm25.build(docs), search.stemmer, "river harbor", 2)
     assert seed_docs.tolist() == search.top_k("river harbor", 2)[0].tolist() == [0, 1]
     assert search("river harbor", 2) == ["Alpha | river town harbor"]
+
+
+# --- round 2: bad inputs never crash the kernel or load a damaged index ----------------------------------------
+
+DOCS = ["Alpha | river town harbor", "Beta | mountain pass river", "Gamma | harbor lights", "Delta | quiet valley"]
+
+
+@pytest.fixture
+def small(tmp_path):
+    return retrieval.build_index(DOCS, tmp_path / "idx", "fp"), tmp_path / "idx"
+
+
+def test_k_zero_returns_nothing_and_never_crashes(mini_profile):
+    """``search(q, 0)`` read past an empty array in the compiled top-k loop: a segfault about half the time."""
+    import subprocess
+    import sys
+
+    retrieval.load_search(mini_profile)
+    script = (
+        "from helpers import profiles, retrieval\n"
+        "s = retrieval.load_search(profiles.get_profile('mini'))\n"
+        "claims = ['film director born in a port town', 'painting acquired by a gallery', 'river'] * 100\n"
+        "print(sum(len(s(q, 0)) + len(s.top_k(q, 0)[0]) for q in claims))\n")
+    # what the empty array reads is decided once per process, so try a few processes
+    runs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=Path(__file__).parents[1]) for _ in range(4)]
+    outcomes = [(run.wait(timeout=300), run.communicate()[0].strip()) for run in runs]
+    assert outcomes == [(0, "0")] * 4
+
+
+def test_bad_k_is_one_line(small):
+    search, _ = small
+    assert search("river harbor", 0) == []
+    assert len(search("river harbor", 99)) == 4  # k past the corpus: every document, as the seed
+    for bad in (-1, 2.5, "3", None, True):
+        with pytest.raises(TutorialError, match="k must be a whole number") as err:
+            search("river harbor", bad)
+        assert "\n" not in str(err.value)
+    with pytest.raises(TutorialError, match="query must be a string"):
+        search(None, 2)
+
+
+def _rewrite_npy(path, change):
+    import numpy as np
+
+    array = np.load(path).copy()
+    change(array)
+    np.save(path, array)
+
+
+def test_posting_ids_past_the_last_document_are_refused_at_load(small):
+    _, folder = small
+    _rewrite_npy(folder / "indices.csc.index.npy", lambda a: a.__setitem__(0, 1_000_000))
+    with pytest.raises(TutorialError, match="is damaged .*run 02_corpus_indexing to rebuild it"):
+        retrieval.load_index(folder, "fp")
+
+
+def test_docs_cut_in_half_are_refused_at_load(small):
+    _, folder = small
+    blob = (folder / "docs.bin").read_bytes()
+    (folder / "docs.bin").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(TutorialError, match="is damaged"):
+        retrieval.load_index(folder, "fp")
+
+
+def test_damaged_postings_or_offsets_are_refused_at_load(small):
+    _, folder = small
+    _rewrite_npy(folder / "indices.csc.index.npy", lambda a: a.__setitem__(0, -5))
+    with pytest.raises(TutorialError, match="is damaged"):
+        retrieval.load_index(folder, "fp")
+
+
+def test_load_search_rebuilds_after_docs_are_cut(mini_profile, capsys):
+    expected = retrieval.load_search(mini_profile)("film director born in a port town", 4)
+    blob = mini_profile.index_dir / "docs.bin"  # cut in place: no Search may still map it (SIGBUS)
+    blob.write_bytes(blob.read_bytes()[:1000])
+    again = retrieval.load_search(mini_profile)
+    assert "is damaged" in capsys.readouterr().out
+    assert again("film director born in a port town", 4) == expected
+    assert all(" | " in d for d in again("film director born in a port town", 4))
+
+
+def test_lone_surrogate_in_a_document_is_one_line_and_writes_nothing(tmp_path):
+    docs = ["Alpha | fine", "Beta | broken \ud800 text"]
+    with pytest.raises(TutorialError, match="document 1 .*not valid Unicode") as err:
+        retrieval.build_index(docs, tmp_path / "idx", "fp")
+    assert "\n" not in str(err.value) and not (tmp_path / "idx").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+@pytest.mark.parametrize("line, problem", [
+    (b'{"title": "Beta", "text": "a string, not a list"}', r"line 2\b.*text.*list of strings"),
+    (b'{"title": null, "text": ["x"]}', r"line 2\b.*title.*string"),
+    (b'{"title": "Beta", "text": ["x", 3]}', r"line 2\b.*text.*list of strings"),
+    (b'{"title": "Be\xffta", "text": ["x"]}', r"line 2 is not valid UTF-8"),
+    (b'{"title": "Beta \\ud800", "text": ["x"]}', r"line 2 .*not valid Unicode"),
+    (b'[1, 2]', r"line 2 is not a \{title, text\} JSON object"),
+])
+def test_bad_corpus_rows_are_one_line_errors(tmp_path, line, problem):
+    path = tmp_path / "wiki.jsonl"
+    path.write_bytes(b'{"title": "Alpha", "text": ["One.", "Two."]}\n' + line + b"\n")
+    with pytest.raises(TutorialError, match=problem) as err:
+        corpus.load_abstracts(path)
+    assert "\n" not in str(err.value)
