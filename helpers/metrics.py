@@ -39,3 +39,18 @@ def ranked_recall(search, num_docs: int = 4, depth: int = 50, weight: float = 0.
         return score + sum(weight * num_docs / (rank + 1) for rank in best.values()) / len(example.titles)
 
     return reward
+
+
+def hidden_titles(example) -> set[str]:
+    """Gold titles the claim does not name (case-insensitive substring test): the pages only a later hop can find."""
+    claim = example.claim.lower()
+    return {title for title in set(example.titles) if title.lower() not in claim}
+
+
+def hidden_recall(example, pred, trace=None) -> float | None:
+    """Share of ``hidden_titles`` among the retrieved documents: the multi-hop skill; None if none are hidden."""
+    hidden = hidden_titles(example)
+    if not hidden:
+        return None
+    retrieved = {doc.split(" | ")[0] for doc in pred.retrieved_docs}
+    return len(hidden & retrieved) / len(hidden)

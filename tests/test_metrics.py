@@ -64,3 +64,33 @@ def test_ranked_recall_on_the_mini_world_stays_below_the_next_found_page(mini_ca
     assert sum(b > 0 for b in bonuses) >= 10  # the claim ranks many missed gold pages within the top 50
     hop0_only = dspy.Prediction(retrieved_docs=search(devset[0].claim, k=4), queries=[devset[0].claim])
     assert reward(devset[0], hop0_only) == metrics.recall(devset[0], hop0_only)
+
+
+def test_hidden_titles_are_gold_titles_the_claim_does_not_name():
+    example = dspy.Example(claim="The author of Journey of penes was born where CRIMSON Kingdom Press sits.",
+                           titles=["Stenfo Fasdrar", "Journey of Penes", "Crimson Kingdom Press", "Stenfo Fasdrar"])
+    assert metrics.hidden_titles(example) == {"Stenfo Fasdrar"}  # case-insensitive; duplicates counted once
+    assert metrics.hidden_titles(dspy.Example(claim="A met B.", titles=["A", "B"])) == set()
+    assert metrics.hidden_titles(dspy.Example(claim="Port Zarso", titles=["University of Port Zarso"])) == {
+        "University of Port Zarso"}  # the whole title must appear, not a part of it
+
+
+def test_hidden_recall_counts_only_hidden_titles():
+    example = dspy.Example(claim="Alpha met the mayor.", titles=["Alpha", "Beta", "Gamma"])
+    pred = lambda docs: dspy.Prediction(retrieved_docs=docs)
+    assert metrics.hidden_recall(example, pred(["Alpha | a", "Beta | b | c"])) == 0.5  # Alpha is named: not counted
+    assert metrics.hidden_recall(example, pred(["Gamma | g", "Beta | b"])) == 1.0
+    assert metrics.hidden_recall(example, pred(["Alpha | a", "Beta Gamma | x"])) == 0.0
+    named = dspy.Example(claim="Alpha met Beta.", titles=["Alpha", "Beta"])
+    assert metrics.hidden_recall(named, pred(["Alpha | a"])) is None
+
+
+def test_every_mini_dev_claim_hides_a_gold_page(mini_cache):
+    from helpers import hover
+
+    _, devset, _ = hover.seed_splits(mini_cache)
+    dev = devset[:300]
+    hidden = [len(metrics.hidden_titles(ex)) for ex in dev]
+    assert len(dev) == 300
+    assert sum(n >= 1 for n in hidden) / len(dev) == 1.0  # every claim needs a hop the claim cannot search for
+    assert (hidden.count(1), hidden.count(2)) == (251, 49)

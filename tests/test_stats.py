@@ -1,0 +1,81 @@
+"""The paired bootstrap and the standard error reported beside 06's and grpo_mini's gains."""
+
+import math
+
+import numpy as np
+import pytest
+
+from helpers import stats
+from helpers.errors import TutorialError
+
+
+def test_identical_scores_give_a_zero_interval():
+    scores = [0.0, 1 / 3, 2 / 3, 1.0, 1 / 3]
+    assert stats.paired_bootstrap_ci(scores, list(scores)) == (0.0, 0.0, 0.0)
+
+
+def test_a_constant_shift_gives_that_shift_exactly():
+    before = [0.2, 0.7, 0.4, 0.0, 1 / 3]
+    after = [b + 0.1 for b in before]
+    assert stats.paired_bootstrap_ci(before, after) == pytest.approx((0.1, 0.1, 0.1), abs=1e-12)
+
+
+def _reference(before, after, n_boot, alpha, seed):
+    """One resample at a time in plain Python, then the linear-interpolation percentile by hand."""
+    rng = np.random.default_rng(seed)
+    diff = [a - b for a, b in zip(after, before)]
+    means = sorted(sum(diff[i] for i in rng.integers(0, len(diff), size=len(diff))) / len(diff) for _ in range(n_boot))
+
+    def percentile(q):
+        pos = q * (n_boot - 1)
+        lo = math.floor(pos)
+        return means[lo] + (pos - lo) * (means[min(lo + 1, n_boot - 1)] - means[lo])
+
+    return sum(diff) / len(diff), percentile(alpha / 2), percentile(1 - alpha / 2)
+
+
+def test_known_case_against_a_reference_computation():
+    before = [0, 0.5, 1, 0.5, 0, 1, 0.5, 0]
+    after = [0.5, 0.5, 1, 1, 0, 1, 0.5, 0.5]
+    got = stats.paired_bootstrap_ci(before, after)
+    assert got == pytest.approx((0.1875, 0.0625, 0.375))  # resampled means are multiples of 1/16
+    assert got == pytest.approx(_reference(before, after, 10000, 0.05, 0))
+    rng = np.random.default_rng(7)
+    before = rng.uniform(size=40).tolist()
+    after = (np.array(before) + rng.normal(0.05, 0.2, size=40)).tolist()
+    assert stats.paired_bootstrap_ci(before, after, n_boot=2000, alpha=0.1, seed=3) == pytest.approx(
+        _reference(before, after, 2000, 0.1, 3))
+
+
+def test_the_bootstrap_resamples_claims_in_pairs():
+    # Claims differ a lot (0 to 0.9) but every one gains 0.05 +- 0.01: only a paired interval is narrow.
+    before = [i / 10 for i in range(10)]
+    after = [b + 0.05 + (0.01 if i % 2 else -0.01) for i, b in enumerate(before)]
+    gain, low, high = stats.paired_bootstrap_ci(before, after)
+    assert gain == pytest.approx(0.05)
+    assert 0.04 <= low < gain < high <= 0.06
+
+
+def test_the_interval_is_close_to_the_normal_one_on_many_claims():
+    rng = np.random.default_rng(1)
+    before = rng.uniform(size=300).tolist()
+    after = (np.array(before) + rng.normal(0.03, 0.25, size=300)).tolist()
+    gain, low, high = stats.paired_bootstrap_ci(before, after)
+    mean, se = stats.mean_se([a - b for a, b in zip(after, before)])
+    assert gain == pytest.approx(mean)
+    assert low == pytest.approx(mean - 1.96 * se, abs=0.1 * se)
+    assert high == pytest.approx(mean + 1.96 * se, abs=0.1 * se)
+
+
+def test_mean_se():
+    assert stats.mean_se([1.0, 2.0, 3.0, 4.0]) == pytest.approx((2.5, math.sqrt(5 / 3) / 2))
+    mean, se = stats.mean_se([0.4])
+    assert mean == 0.4 and math.isnan(se)
+    with pytest.raises(TutorialError):
+        stats.mean_se([])
+
+
+@pytest.mark.parametrize("before, after", [([0.1, 0.2], [0.3]), ([], [])])
+def test_bad_pairs_are_refused(before, after):
+    with pytest.raises(TutorialError):
+        stats.paired_bootstrap_ci(before, after)
