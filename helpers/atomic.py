@@ -1,13 +1,77 @@
 """Atomic file and folder writes, so an interrupted step never leaves a half-written cache.
 
-Introduced in 02_corpus_indexing; reused for indexes, scores and checkpoints.
+Introduced in 02_corpus_indexing; reused for indexes, scores and checkpoints. Results get the
+permissions an ordinary write would (the umask decides), and a temporary file or folder left by a
+writer that was killed is removed by the next write of the same target.
 """
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
+
+LEGACY_TEMP_AGE = 24 * 3600  # temps named without a pid (older versions): removed once this old
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (changing it would race with other threads)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def clean_stale(target: Path) -> None:
+    """Remove temporaries of ``target`` left by writers that no longer run (``.name.<pid>.*.tmp``, ``.name.old-<pid>``)."""
+    target = Path(target)
+    pattern = re.compile(r"\." + re.escape(target.name) + r"\.(?:(\d+)\..+\.tmp|old-(\d+)|([^.]+)(?:\..+)?\.tmp)")
+    try:
+        siblings = list(target.parent.iterdir())
+    except OSError:
+        return
+    for path in siblings:
+        match = pattern.fullmatch(path.name)
+        if not match:
+            continue
+        pid = match.group(1) or match.group(2)
+        if pid is not None:
+            if _pid_alive(int(pid)):
+                continue
+        else:
+            try:
+                if time.time() - path.lstat().st_mtime < LEGACY_TEMP_AGE:
+                    continue
+            except OSError:
+                continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+def _prefix(target: Path) -> str:
+    return f".{target.name}.{os.getpid()}."
 
 
 @contextlib.contextmanager
@@ -15,10 +79,12 @@ def atomic_path(target: Path, suffix: str = ""):
     """Yield a temporary path beside ``target``; it replaces ``target`` only if the block succeeds."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=target.parent)
+    clean_stale(target)
+    fd, tmp = tempfile.mkstemp(prefix=_prefix(target), suffix=suffix + ".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600
         yield tmp
         os.replace(tmp, target)
     finally:
@@ -42,12 +108,16 @@ def atomic_dir(target: Path):
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    clean_stale(target)
+    tmp = Path(tempfile.mkdtemp(prefix=_prefix(target), suffix=".tmp", dir=target.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700
         yield tmp
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            if old.exists():
+                shutil.rmtree(old, ignore_errors=True)
             os.replace(target, old)
         os.replace(tmp, target)
         if old is not None:

@@ -1,0 +1,62 @@
+"""Atomic writes: ordinary permissions, and nothing left behind by a killed writer."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import atomic
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_files_and_folders_follow_the_umask(tmp_path, umask_022):
+    atomic.write_text(tmp_path / "scores.json", "{}")
+    with atomic.atomic_dir(tmp_path / "index") as tmp:
+        (tmp / "meta.json").write_text("{}")
+    with atomic.atomic_path(tmp_path / "data.parquet", suffix=".parquet") as tmp:
+        tmp.write_bytes(b"x")
+    assert oct((tmp_path / "scores.json").stat().st_mode & 0o777) == oct(0o644)
+    assert oct((tmp_path / "data.parquet").stat().st_mode & 0o777) == oct(0o644)
+    assert oct((tmp_path / "index").stat().st_mode & 0o777) == oct(0o755)
+    assert (tmp_path / "index" / "meta.json").read_text() == "{}"
+
+
+def _killed_while_writing(target: Path, kind: str):
+    """A real process that dies (SIGKILL) inside an atomic write of ``target``."""
+    body = "(tmp / 'part').write_text('half')" if kind == "dir" else "tmp.write_text('half')"
+    opener = "atomic_dir(target)" if kind == "dir" else "atomic_path(target)"
+    script = (f"import os, signal\nfrom pathlib import Path\nfrom helpers import atomic\ntarget = Path({str(target)!r})\n"
+              f"with atomic.{opener} as tmp:\n    {body}\n    os.kill(os.getpid(), signal.SIGKILL)\n")
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, timeout=120)
+    assert run.returncode == -9, run.stderr
+
+
+@pytest.mark.parametrize("kind", ["dir", "file"])
+def test_temp_files_of_a_killed_writer_are_removed_by_the_next_write(tmp_path, kind):
+    target = tmp_path / ("index" if kind == "dir" else "scores.json")
+    _killed_while_writing(target, kind)
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # the killed write left its temp behind
+    if kind == "dir":
+        with atomic.atomic_dir(target) as tmp:
+            (tmp / "meta.json").write_text("{}")
+    else:
+        atomic.write_text(target, "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+
+
+def test_a_live_writers_temp_is_left_alone(tmp_path):
+    live = tmp_path / f".index.{os.getppid()}.abcdefgh.tmp"  # our parent process is alive
+    live.mkdir()
+    with atomic.atomic_dir(tmp_path / "index") as tmp:
+        (tmp / "meta.json").write_text("{}")
+    assert live.exists()
