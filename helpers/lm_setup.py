@@ -8,6 +8,7 @@
 Servers are probed before anything long starts, so a wrong URL fails in one line.
 """
 
+import http.client
 import os
 import urllib.error
 import urllib.request
@@ -16,7 +17,7 @@ import dspy
 
 from helpers import local_lm
 from helpers.errors import TutorialError
-from helpers.profiles import Profile
+from helpers.profiles import ARBOR_URL_ENV, DEFAULT_ARBOR_URL, Profile
 
 LM_ENV = "RLMH_LM"
 
@@ -30,22 +31,30 @@ def embedded_engine(profile: Profile) -> local_lm.BatchingEngine:
     return engine
 
 
-def check_reachable(api_base: str, what: str, timeout: float = 3.0) -> None:
-    """GET ``{api_base}models``; raise a one-line TutorialError if nothing answers."""
+def check_reachable(api_base: str, what: str, timeout: float = 3.0, setting: str = "") -> None:
+    """GET ``{api_base}models``; raise a one-line TutorialError if nothing (or no HTTP server) answers.
+
+    ``setting``: the environment variable that sets ``api_base``, named in the message.
+    """
+    hint = f" (set {setting})" if setting else ""
     if not api_base.endswith("/v1/"):
         raise TutorialError(f"{what} api_base {api_base!r} must end in /v1/")
     try:
         urllib.request.urlopen(api_base + "models", timeout=timeout).close()
     except urllib.error.HTTPError:
         return  # something answered: good enough, the LM call will report auth or model errors
+    except http.client.HTTPException as exc:  # BadStatusLine and friends: something listens, but not HTTP
+        raise TutorialError(f"{what} at {api_base} is not an HTTP server ({type(exc).__name__}: {str(exc)[:60]!r}): "
+                            f"check the port{hint}") from None
     except (urllib.error.URLError, OSError) as exc:
-        raise TutorialError(f"{what} at {api_base} is unreachable ({getattr(exc, 'reason', exc)}): start it first, or check the URL") from None
+        raise TutorialError(f"{what} at {api_base} is unreachable ({getattr(exc, 'reason', exc)}): start it first, or check the URL{hint}") from None
 
 
 def arbor_lm(profile: Profile) -> dspy.LM:
     """Qwen through Arbor, as the seed builds it (needs NVIDIA GPUs and ``pip install arbor-ai``)."""
     settings = profile.lm
-    check_reachable(settings.api_base, "the Arbor server")
+    api_base = settings.api_base if settings.kind == "arbor" else (os.environ.get(ARBOR_URL_ENV, "").strip() or DEFAULT_ARBOR_URL)
+    check_reachable(api_base, "the Arbor server", setting=ARBOR_URL_ENV)
     try:
         from arbor import ArborProvider
     except ImportError:
@@ -53,7 +62,7 @@ def arbor_lm(profile: Profile) -> dspy.LM:
     return dspy.LM(
         model=f"openai/arbor:{settings.model}",
         provider=ArborProvider(),
-        api_base=settings.api_base,
+        api_base=api_base,
         api_key="arbor",
         temperature=settings.temperature,
         top_p=1.0,
@@ -81,7 +90,7 @@ def make_lm(profile: Profile, trainable: bool = False, **overrides) -> dspy.LM:
     ``trainable=True`` (06) attaches the provider GRPO trains through: Arbor's in the full profile,
     ``grpo_backend.LocalGRPOProvider`` (LoRA on CPU) for the embedded model.
     """
-    choice = os.environ.get(LM_ENV, profile.lm.kind)
+    choice = (os.environ.get(LM_ENV) or profile.lm.kind).strip().lower()
     if choice == "openai":
         if trainable:
             raise TutorialError("RLMH_LM=openai is for evaluation only: GRPO needs the embedded LM or Arbor")

@@ -12,6 +12,8 @@ from helpers.errors import TutorialError
 
 PROFILE_ENV = "RLMH_PROFILE"
 CACHE_ENV = "RLMH_CACHE_DIR"
+ARBOR_URL_ENV = "RLMH_ARBOR_URL"  # the full profile's Arbor server, e.g. http://gpu-box:7453/v1/
+DEFAULT_ARBOR_URL = "http://localhost:7453/v1/"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -81,7 +83,15 @@ def cache_dir_for(name: str) -> Path:
     """``$RLMH_CACHE_DIR/<name>``, else ``cache/<name>`` in a checkout, else ``~/.cache/rl-multihop/<name>``."""
     root = os.environ.get(CACHE_ENV)
     base = Path(root).expanduser() if root else _default_cache_root()
-    return (base / name).resolve()
+    folder = (base / name).resolve()
+    for existing in (folder, *folder.parents):  # the nearest part that exists must be a folder
+        if existing.exists():
+            if not existing.is_dir():
+                where = f"{CACHE_ENV}={root}" if root else f"the cache folder {base}"
+                raise TutorialError(f"{where}: {existing} is a file, so {folder} is not a folder: "
+                                    f"point {CACHE_ENV} at a folder (or delete the file)")
+            break
+    return folder
 
 
 def _default_cache_root() -> Path:
@@ -133,7 +143,7 @@ def _full() -> Profile:
             model="Qwen/Qwen2.5-7B-Instruct",
             temperature=0.7,
             max_tokens=2048,
-            api_base="http://localhost:7453/v1/",
+            api_base=os.environ.get(ARBOR_URL_ENV, "").strip() or DEFAULT_ARBOR_URL,
         ),
         grpo_preset="seed_6gpu",
     )

@@ -76,3 +76,49 @@ def test_bad_api_base_and_unknown_lm_kind(monkeypatch):
     monkeypatch.setenv(lm_setup.LM_ENV, "gpt5")
     with pytest.raises(TutorialError, match="embedded, arbor or openai"):
         lm_setup.make_lm(profiles.get_profile("mini"))
+
+
+def test_lm_choice_is_trimmed_and_lower_cased(monkeypatch):
+    for name in ("RLMH_OPENAI_BASE_URL", "RLMH_OPENAI_MODEL", "RLMH_OPENAI_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(lm_setup.LM_ENV, " OpenAI ")
+    with pytest.raises(TutorialError, match="RLMH_LM=openai needs"):
+        lm_setup.make_lm(profiles.get_profile("mini"))
+    monkeypatch.setenv(lm_setup.LM_ENV, " arbor")
+    monkeypatch.setenv(profiles.ARBOR_URL_ENV, f"http://127.0.0.1:{_closed_port()}/v1/")
+    with pytest.raises(TutorialError, match="the Arbor server .* is unreachable"):
+        lm_setup.make_lm(profiles.get_profile("full"))
+
+
+def test_unreachable_arbor_names_the_url_variable(monkeypatch):
+    monkeypatch.delenv(lm_setup.LM_ENV, raising=False)
+    monkeypatch.setenv(profiles.ARBOR_URL_ENV, f"http://127.0.0.1:{_closed_port()}/v1/")
+    with pytest.raises(TutorialError, match=profiles.ARBOR_URL_ENV) as err:
+        lm_setup.make_lm(profiles.get_profile("full"))
+    _one_line(err)
+
+
+def test_a_non_http_listener_is_one_line(monkeypatch):
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+
+    def answer():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(1024)
+                conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\nProtocol mismatch.\r\n")
+
+    threading.Thread(target=answer, daemon=True).start()
+    try:
+        with pytest.raises(TutorialError, match="not an HTTP server") as err:
+            lm_setup.check_reachable(f"http://127.0.0.1:{listener.getsockname()[1]}/v1/", "the Arbor server")
+        _one_line(err)
+    finally:
+        listener.close()

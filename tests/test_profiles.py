@@ -38,3 +38,22 @@ def test_cache_not_writable_is_one_line(monkeypatch, tmp_path):
     monkeypatch.setenv(profiles.CACHE_ENV, str(blocker))
     with pytest.raises(TutorialError, match="RLMH_CACHE_DIR"):
         bootstrap.check_cache_writable(profiles.get_profile("mini"))
+
+
+def test_cache_dir_that_is_a_file_is_one_line_at_start(monkeypatch, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv(profiles.CACHE_ENV, str(blocker))
+    with pytest.raises(TutorialError, match=r"RLMH_CACHE_DIR=.*file.* is not a folder") as err:
+        bootstrap.start()
+    assert "\n" not in str(err.value)
+    monkeypatch.setenv(profiles.CACHE_ENV, str(blocker / "deeper"))
+    with pytest.raises(TutorialError, match="RLMH_CACHE_DIR"):
+        profiles.get_profile("mini")
+
+
+def test_arbor_url_comes_from_an_env_var(monkeypatch):
+    monkeypatch.setenv(profiles.ARBOR_URL_ENV, "http://gpu-box:9000/v1/")
+    assert profiles.get_profile("full").lm.api_base == "http://gpu-box:9000/v1/"
+    monkeypatch.delenv(profiles.ARBOR_URL_ENV)
+    assert profiles.get_profile("full").lm.api_base == "http://localhost:7453/v1/"
