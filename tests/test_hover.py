@@ -9,7 +9,7 @@ from helpers.errors import TutorialError
 
 def test_seed_splits(mini_profile):
     train, dev, test = hover.seed_splits(mini_profile)
-    assert (len(train), len(dev)) == (600, 300) and len(test) >= 300
+    assert (len(train), len(dev), len(test)) == (600, 300, 550)
     claims = [x.claim for x in train + dev + test]
     assert len(set(claims)) == len(claims)
     assert all(len(x.titles) == 3 and list(x.inputs().keys()) == ["claim"] for x in dev)
@@ -56,3 +56,32 @@ def test_unknown_dataset_is_one_line(mini_profile, tmp_path):
     with pytest.raises(TutorialError, match="cannot load HoVer") as err:
         hover.load_raw(p)
     assert "\n" not in str(err.value)
+
+
+def test_seed_split_is_pinned(mini_profile):
+    """The seed's Random(0) shuffle: another seed or order would change every stored notebook number."""
+    import hashlib
+
+    train, dev, test = hover.seed_splits(mini_profile)
+    assert dev[0].claim == "The Silver City was made by a painter who studied at University of Port Zarso."
+    digest = lambda xs: hashlib.sha256("\n".join(x.claim for x in xs).encode()).hexdigest()  # noqa: E731
+    assert digest(dev) == "52bf14923db559b40958915532d8777be10d909f684e9e165b16442f9a869ace"
+    assert digest(train + dev + test) == "f0d3f845d04329587ab4e2bc85a9ddb78810536940b7e321a0e393f3decb0359"
+
+
+def test_unreachable_hub_is_named_in_one_line_without_retrying(mini_profile, tmp_path, monkeypatch):
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv(profiles.CACHE_ENV, str(tmp_path))
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    start = time.perf_counter()
+    with pytest.raises(TutorialError, match=r"Hugging Face hub at http://127\.0\.0\.1:\d+ is unreachable") as err:
+        hover.load_raw(profiles.get_profile("full"))
+    assert time.perf_counter() - start < 10 and "\n" not in str(err.value)
+    assert "hover_dataset" not in str(err.value)
