@@ -94,3 +94,9 @@ def test_arbor_yaml_uses_only_keys_current_arbor_reads():
 def test_top_level_layout():
     for name in ("notebooks", "helpers", "tests", "environment.yml", "arbor.yaml", "README.md", "pyproject.toml", "Makefile"):
         assert (ROOT / name).exists(), name
+
+
+def test_readme_has_a_reliability_section_with_both_sides():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Reliability", 1)[1].split("\n## ", 1)[0]
+    assert "**Verified:**" in section and "**Not verified:**" in section and "full corpus" in section
