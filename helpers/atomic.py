@@ -70,6 +70,25 @@ def clean_stale(target: Path) -> None:
                 path.unlink()
 
 
+_ANY_TEMP = re.compile(r"\..+\.(?:(\d+)\.[a-z0-9_]{8}(?:\..+)?\.tmp|old-(\d+))")
+
+
+def clean_folder(folder: Path) -> None:
+    """Remove every temporary in ``folder`` left by a writer that no longer runs (e.g. a checkpoint folder at start)."""
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return
+    for path in entries:
+        match = _ANY_TEMP.fullmatch(path.name)
+        if match and not _pid_alive(int(match.group(1) or match.group(2))):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+
 def _prefix(target: Path) -> str:
     return f".{target.name}.{os.getpid()}."
 

@@ -132,8 +132,12 @@ def save_index(retriever: bm25s.BM25, corpus: list[str], folder: Path, fingerpri
 
 
 def load_index(folder: Path, fingerprint: str) -> Search:
-    """Reload a saved index with mmap; raises TutorialError if it is missing, stale or damaged."""
+    """Reload a saved index with mmap; raises TutorialError if it is missing, stale or damaged.
+
+    Temporary folders left beside it by a killed save are removed first.
+    """
     folder = Path(folder)
+    atomic.clean_stale(folder)
     try:
         meta = json.loads((folder / "meta.json").read_text())
     except FileNotFoundError:

@@ -60,3 +60,13 @@ def test_a_live_writers_temp_is_left_alone(tmp_path):
     with atomic.atomic_dir(tmp_path / "index") as tmp:
         (tmp / "meta.json").write_text("{}")
     assert live.exists()
+
+
+def test_clean_folder_removes_only_dead_writers_temps(tmp_path):
+    _killed_while_writing(tmp_path / "step-0003", "dir")
+    _killed_while_writing(tmp_path / "scores.json", "file")
+    live = tmp_path / f".step-0004.{os.getppid()}.abcdefgh.tmp"
+    live.mkdir()
+    (tmp_path / "step-0002").mkdir()
+    atomic.clean_folder(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "step-0002"]

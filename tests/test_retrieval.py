@@ -229,3 +229,19 @@ def test_bad_corpus_rows_are_one_line_errors(tmp_path, line, problem):
     with pytest.raises(TutorialError, match=problem) as err:
         corpus.load_abstracts(path)
     assert "\n" not in str(err.value)
+
+
+def test_a_killed_index_save_leaves_nothing_once_the_index_is_loaded(tmp_path):
+    import subprocess
+    import sys
+
+    folder = tmp_path / "idx"
+    retrieval.build_index(DOCS, folder, "fp")
+    script = ("import os, signal\nfrom pathlib import Path\nfrom helpers import retrieval\n"
+              "retrieval.DocStore.write = staticmethod(lambda *a: os.kill(os.getpid(), signal.SIGKILL))\n"
+              f"retrieval.build_index({DOCS!r}, Path({str(folder)!r}), 'fp')\n")
+    run = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1], capture_output=True, timeout=300)
+    assert run.returncode == -9, run.stderr[-500:]
+    assert len(list(tmp_path.iterdir())) == 2  # the index and the killed save's temp folder
+    assert len(retrieval.load_index(folder, "fp")) == len(DOCS)
+    assert [p.name for p in tmp_path.iterdir()] == ["idx"]
