@@ -2,6 +2,7 @@
 
 import difflib
 import warnings
+from importlib import resources
 from pathlib import Path
 
 import yaml
@@ -13,6 +14,14 @@ OBSOLETE = {
     ("inference", "gpu_ids"): "num_inference_gpus",
     ("training", "gpu_ids"): "num_training_gpus",
 }
+
+
+def default_path() -> Path:
+    """The tutorial's arbor.yaml: the checkout's top-level file, else the copy shipped inside the installed package."""
+    checkout = Path(__file__).resolve().parents[1] / "arbor.yaml"
+    if checkout.is_file():
+        return checkout
+    return Path(str(resources.files("helpers").joinpath("arbor.yaml")))
 
 
 def _yaml_error(path: Path, exc: yaml.YAMLError) -> TutorialError:
