@@ -5,26 +5,40 @@ Used by ``make tutorial`` (copies into build/, committed notebooks untouched) an
 """
 
 import argparse
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
+from traitlets.config import Config
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 
+def _kernel_config(sockets: str) -> Config:
+    """Talk to the kernel over local IPC sockets in ``sockets``: no TCP port, so no unencrypted-TCP warning."""
+    config = Config()
+    if os.name == "posix":
+        config.KernelManager.transport = "ipc"
+        config.KernelManager.ip = os.path.join(sockets, "kernel")  # absolute: the kernel runs in the notebook's folder
+    return config
+
+
 def run(path: Path, out: Path, timeout: int) -> float:
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
     start = time.perf_counter()
-    try:
-        client.execute()
-    finally:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        nbformat.write(nb, out)
+    with tempfile.TemporaryDirectory(prefix="rlmh-kernel-") as sockets:
+        client = NotebookClient(nb, timeout=timeout, kernel_name="python3", config=_kernel_config(sockets),
+                                resources={"metadata": {"path": str(path.parent)}})
+        try:
+            client.execute()
+        finally:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            nbformat.write(nb, out)
     return time.perf_counter() - start
 
 
@@ -35,8 +49,9 @@ def main(argv=None) -> int:
     where.add_argument("--in-place", action="store_true", help="overwrite the committed notebooks")
     parser.add_argument("--only", nargs="*", default=None, help="notebook name prefixes, e.g. 02 03")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
+    parser.add_argument("--notebooks", type=Path, default=NOTEBOOKS, help="folder of the numbered notebooks")
     args = parser.parse_args(argv)
-    paths = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    paths = sorted(args.notebooks.glob("[0-9][0-9]_*.ipynb"))
     if args.only:
         paths = [p for p in paths if p.name.startswith(tuple(args.only))]
     total = 0.0
