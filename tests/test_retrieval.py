@@ -61,6 +61,26 @@ def test_fast_tokenize_is_the_same_on_one_or_two_workers(abstracts):
     assert one.vocab == two.vocab and (one.ids == two.ids).all() and (one.offsets == two.offsets).all()
 
 
+def test_block_boundaries_do_not_change_the_index(abstracts, monkeypatch):
+    """Tokenizing in chunks of 7 documents and scoring 1 or 1,000 postings at a time gives the one-block index."""
+    import numpy as np
+
+    stemmer = Stemmer.Stemmer("english")
+    docs = abstracts[:3_000] + ["The | of and", "Solo | zzqq"]  # a document of stopwords only, a one-off stem
+    whole = fast_index.tokenize(docs, stemmer, workers=1)
+    monkeypatch.setattr(fast_index, "CHUNK_DOCS", 7)
+    small = fast_index.tokenize(docs, stemmer, workers=1)
+    assert small.vocab == whole.vocab and small.ids.dtype == whole.ids.dtype == np.int32
+    assert np.array_equal(small.ids, whole.ids) and np.array_equal(small.offsets, whole.offsets)
+    one = fast_index.bm25_scores(whole, retrieval.K1, retrieval.B, block=10**9)
+    for block in (1, 1_000):
+        other = fast_index.bm25_scores(small, retrieval.K1, retrieval.B, block=block)
+        assert other["num_docs"] == one["num_docs"] == len(docs)
+        for key in ("data", "indices", "indptr"):
+            assert other[key].dtype == one[key].dtype and other[key].tobytes() == one[key].tobytes(), (block, key)
+    assert one["data"].dtype == np.float32 and one["indices"].dtype == np.int32 and one["indptr"].dtype == np.int64
+
+
 def test_search_returns_what_the_seed_function_returns(abstracts, seed_retriever, mini_profile, tmp_path):
     ours = retrieval.build_index(abstracts, tmp_path / "idx", "fp")
     reloaded = retrieval.load_index(tmp_path / "idx", "fp")
