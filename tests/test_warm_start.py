@@ -1,0 +1,118 @@
+"""The warm-start stage (behaviour cloning of a scripted teacher, not RL): teacher, SFT rows, LoRA SFT on the real model."""
+
+import dspy
+import pytest
+import torch
+
+from helpers import decoding, grpo_backend, hover, lm_setup, local_lm, metrics, retrieval, warm_start
+from helpers.guided_adapter import GuidedChatAdapter
+from helpers.research_hop import ResearchHop
+
+CLAIM = "The Forest of Velvet Shadows's director was born in the same town that is home to Endless Ember Pictures."
+DOCS = [
+    "The Forest of Velvet Shadows | The Forest of Velvet Shadows is a 2014 thriller film directed by Zonnes Breskis. "
+    "It was produced by Posbram Pictures. The film tells the story of a winter near Lunra.",
+    "Velvet Ember Pictures | Velvet Ember Pictures is a film studio founded in 1980. It is headquartered in Lenga. "
+    "Velvet Ember Pictures was founded by Degre Drakis.",
+]
+
+
+@pytest.fixture(scope="module")
+def setup(mini_cache):
+    lm = lm_setup.make_lm(mini_cache, temperature=0.0, cache=False)
+    train, dev, _ = hover.seed_splits(mini_cache)
+    return lm, lm_setup.embedded_engine(mini_cache), retrieval.load_search(mini_cache), train, dev
+
+
+def test_teacher_copies_the_maker_from_the_page_the_claim_names():
+    notes = warm_start.teach_notes(CLAIM, [], DOCS)
+    assert notes["new_key_facts"] == "Names in The Forest of Velvet Shadows: Zonnes Breskis; Posbram Pictures."
+    query = warm_start.teach_query(CLAIM, [notes["new_key_facts"]])
+    assert query["followup_search_query"] == "Zonnes Breskis Posbram Pictures"
+    # a page the claim names but nobody retrieved: the teacher notes it and searches for it
+    missing = warm_start.teach_notes("The Silver City was made by a painter who studied at University of Port Zarso.", [],
+                                     ["Londta Moltem | Londta Moltem (born 1916) is a painter. Moltem studied at University of Port Zarso."])
+    assert missing["new_key_facts"] == "The results do not include The Silver City."
+    assert warm_start.teach_query("The Silver City was made by ...", [missing["new_key_facts"]])["followup_search_query"] == "The Silver City"
+
+
+def test_teacher_finds_hidden_pages_with_bm25_alone(setup):
+    _, _, search, _, dev = setup
+    checked = 0
+    for ex in dev:
+        docs = search(ex.claim, 4)
+        named = [d for d in docs if d.split(" | ")[0].lower() in ex.claim.lower()]
+        hidden = [t for t in metrics.hidden_titles(ex) if any(f"by {t}." in d for d in named)]
+        if not hidden:
+            continue
+        notes = warm_start.teach_notes(ex.claim, [], docs)["new_key_facts"]
+        query = warm_start.teach_query(ex.claim, [notes])["followup_search_query"]
+        assert hidden[0] in notes and hidden[0] in query
+        assert hidden[0] in {d.split(" | ")[0] for d in search(query, 4)}
+        checked += 1
+        if checked == 3:
+            break
+    assert checked == 3
+    teacher = warm_start.teacher_recall(dev[:40], search)
+    assert teacher["recall %"] > 100 * metrics.claim_only_recall(dev[:40], search, 8) + 10
+    assert teacher["hidden-page recall %"] > 20
+
+
+def test_sft_rows_are_the_prompts_the_engine_is_fed(setup, monkeypatch):
+    """Run ResearchHop through dspy, the adapter and the engine with the teacher's values as the LM's output:
+    the token ids the decoder receives for each field call are the rows' prompt ids, in order."""
+    lm, engine, search, train, _ = setup
+    program = ResearchHop(4, 2, search)
+    example = train[0]
+    rows = warm_start.teacher_traces(program, [example], search)
+    assert [(r.predictor, r.field) for r in rows] == [("append_notes", "reasoning"), ("append_notes", "new_key_facts"),
+                                                      ("generate_query", "reasoning"), ("generate_query", "followup_search_query")]
+    stop = engine.tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    assert all(r.completion_ids[-len(stop):] == stop for r in rows)
+    fed, replies = [], iter(rows)
+
+    def fake_decode(model, tokenizer, prompts, sampling, stops, *args, **kwargs):
+        out = []
+        for ids in prompts:
+            fed.append(list(ids))
+            row = next(replies)
+            out.append(decoding.Sampled(list(ids), row.completion_ids, [0.0] * len(row.completion_ids), 0.0,
+                                        tokenizer.decode(row.completion_ids[:-len(stop)]), "stop"))
+        return out
+
+    monkeypatch.setattr(decoding, "decode", fake_decode)
+    with dspy.context(lm=lm, adapter=GuidedChatAdapter()):
+        pred = program(claim=example.claim)
+    assert fed == [r.prompt_ids for r in rows]
+    teacher = warm_start.teacher_run(example.claim, search)
+    assert pred.queries[1] == teacher[2][2]["followup_search_query"]  # the program searched the teacher's query
+
+
+def test_shared_prefix_logprobs_equal_the_per_row_ones(setup):
+    _, engine, search, train, _ = setup
+    rows = warm_start.teacher_traces(ResearchHop(4, 2, search), train[1:2], search)
+    groups = [g for g in warm_start.calls(rows) if g[0].predictor == "generate_query"]
+    with torch.no_grad():
+        shared, m1 = warm_start.shared_prefix_logprobs(engine.model, engine.tokenizer,
+                                                       [[(r.prompt_ids, r.completion_ids) for r in g] for g in groups])
+        single, m2 = grpo_backend._completion_logprobs(engine.model, engine.tokenizer,
+                                                       [(r.prompt_ids, r.completion_ids) for g in groups for r in g], 1.0)
+    assert torch.equal(m1, m2)
+    assert torch.allclose(shared, single, atol=1e-4)
+
+
+def test_one_sft_step_lowers_the_nll_and_clears_the_prefix_cache(setup):
+    lm, engine, search, train, _ = setup
+    rows = [r for r in warm_start.teacher_traces(ResearchHop(4, 2, search), train[2:3], search)
+            if r.predictor == "generate_query"]
+    try:
+        before = warm_start.nll(engine, rows)
+        engine.generate([[{"role": "user", "content": "Hi"}]], local_lm.Sampling(0.0, 1.0, 0, 2))
+        assert engine.prefix_cache.stats.entries > 0
+        log = warm_start.sft(engine, rows, steps=1, lr=1e-3, batch=1)
+        assert log.steps == 1 and len(log.losses) == 1
+        assert engine.prefix_cache.stats.entries == 0
+        assert warm_start.nll(engine, rows) < before
+        assert warm_start.ADAPTER_NAME in engine.peft_model.peft_config
+    finally:
+        grpo_backend.remove_lora(engine)
