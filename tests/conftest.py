@@ -4,7 +4,9 @@ import os
 
 import pytest
 
-from helpers import mini_world, profiles
+from helpers import bootstrap, mini_world, profiles
+
+bootstrap.configure_threads()  # before any test module imports torch
 
 # Tests never reach a model or dataset hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

