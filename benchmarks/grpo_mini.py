@@ -1,10 +1,14 @@
-"""GRPO learning goal on the mini profile: dev recall before vs after, per seed, on 2 CPU cores.
+"""GRPO learning goal on the mini profile: dev recall before vs after, per sampling seed, on 2 CPU cores.
 
-Run: python benchmarks/grpo_mini.py [--seeds 0 1] [--steps 6] [--dev 40] [--quick]
-For each seed: a fresh LoRA adapter, the mini preset for ``--steps`` GRPO steps, then greedy dev recall.
-Prints per-step seconds split into rollouts and training, peak memory, and per seed the gain in
-recall points over the untrained baseline (measured once, same process), the ratio-style verdict last.
-``--quick`` (make bench QUICK=1): one seed, one step, no dev evaluation: only the step's cost.
+Run: python benchmarks/grpo_mini.py [--seeds 0 1] [--steps N] [--dev 300] [--long] [--quick]
+For each seed: a fresh LoRA adapter, rollouts sampled from that seed, the mini preset for ``--steps`` GRPO
+steps on the train split minus ``--select`` claims; those held-back train claims choose the checkpoint
+(never dev or test). Then greedy recall on ``--dev`` dev claims. Prints per step: rollout and training
+seconds, fresh groups, groups whose rewards differ, the data-path check (trained tokens that were sampled),
+the share of claims where a rollout found a gold page the claim does not name; per seed: the gain with
+its paired bootstrap 95 % CI, hidden-page recall before/after, GRPO minutes; the verdict last.
+``--long``: 16 steps, the selection score after every 2nd step (the curve). ``--quick`` (make bench
+QUICK=1): one seed, one step, no evaluation: only the step's cost.
 """
 
 import argparse
@@ -17,8 +21,11 @@ from helpers import bootstrap
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--steps", type=int, default=None, help="GRPO steps (default: the mini preset's)")
-    parser.add_argument("--dev", type=int, default=None, help="dev claims scored (default: profile.dev_eval_size)")
+    parser.add_argument("--steps", type=int, default=None, help="GRPO steps (default: the mini preset's; --long: 16)")
+    parser.add_argument("--dev", type=int, default=300, help="dev claims scored before and after (>= 100)")
+    parser.add_argument("--select", type=int, default=24, help="train claims held back to choose the checkpoint")
+    parser.add_argument("--every", type=int, default=2, help="score the checkpoint every this many steps")
+    parser.add_argument("--long", action="store_true", help="16 steps: the curve shows the trend")
     parser.add_argument("--quick", action="store_true", help="one seed, one step, no evaluation")
     args = parser.parse_args()
     if args.quick:
@@ -34,27 +41,39 @@ def main():
     sources.prepare(profile)
     search = retrieval.load_search(profile)
     trainset, devset, _ = hover.seed_splits(profile)
-    evalset = devset[: args.dev or profile.dev_eval_size]
+    trainset, selection = trainset[: -args.select], trainset[-args.select:]
+    evalset = devset[: args.dev]
     adapter = adapter_choice.chosen_adapter(profile)
     eval_lm = lm_setup.make_lm(profile, temperature=profile.eval_temperature, cache=False)
     dspy.configure(lm=eval_lm, adapter=adapter)
     preset = grpo_presets.get_preset("mini")
-    steps = args.steps or preset.compile_kwargs["num_train_steps"]
+    steps = args.steps or (16 if args.long else preset.compile_kwargs["num_train_steps"])
     reward = grpo_training.training_reward(preset, search)
+    engine = lm_setup.embedded_engine(profile)
 
     if not args.quick:
         before = evaluation.run_eval(ResearchHop(4, 2, search), evalset, profile.eval_threads)
-        print(f"baseline dev recall ({len(evalset)} claims): {before.score:.1f}%  [{before.seconds:.0f} s]")
+        select_before = evaluation.run_eval(ResearchHop(4, 2, search), selection, profile.eval_threads).score
+        print(f"baseline dev recall ({len(evalset)} claims): {before.score:.1f}%, hidden-page recall "
+              f"{before.hidden_score:.1f}%  [{before.seconds:.0f} s, {before.seconds / len(evalset):.2f} s/claim]; "
+              f"selection ({len(selection)} train claims): {select_before:.1f}%")
     results = []
     for seed in args.seeds:
         train_lm = lm_setup.make_lm(profile, trainable=True, temperature=preset.rollout_temperature)
+        on_step = None if args.quick else grpo_training.dev_recall_after_each_step(
+            search, selection, eval_lm, profile.eval_threads, every=args.every)
         start = time.perf_counter()
-        trained, job = grpo_training.train(ResearchHop(4, 2, search), trainset, train_lm, adapter, reward,
-                                           preset, profile, num_train_steps=steps, seed=seed)
+        trained, job = grpo_training.train(ResearchHop(4, 2, search), trainset, train_lm, adapter, reward, preset,
+                                           profile, on_step=on_step, initial_score=None if args.quick else select_before,
+                                           num_train_steps=steps, seed=seed)
         minutes = (time.perf_counter() - start) / 60
         for s in job.history:
             print(f"  seed {seed} step {s.step}: rollouts {s.rollout_seconds:.0f} s, training {s.seconds:.0f} s, "
-                  f"reward {s.mean_reward:.3f}, format failures {s.format_failures:.2f}, trained groups {s.trained_groups}/{s.groups}")
+                  f"reward {s.mean_reward:.3f}, fresh groups {s.fresh_groups}/{s.groups}, with variance "
+                  f"{s.trained_groups}, sampled tokens {100 * s.sampled_share:.0f}%, items matched "
+                  f"{100 * s.matched_share:.0f}%, hidden page found in {_pct(s.hidden_found)} of claims, "
+                  f"selection recall {_pct(s.dev_recall, scale=1)}")
+        print(f"  prefix cache: {engine.prefix_cache.stats}")
         if args.quick:
             s = job.history[-1]
             print(f"one step: {s.rollout_seconds + s.seconds:.0f} s = rollouts {s.rollout_seconds:.0f} s + training "
@@ -63,15 +82,22 @@ def main():
             return
         trained.set_lm(eval_lm)
         after = evaluation.run_eval(trained, evalset, profile.eval_threads)
-        results.append((seed, after.score - before.score, minutes))
-        print(f"seed {seed}: dev recall {before.score:.1f}% -> {after.score:.1f}% ({after.score - before.score:+.1f} points), "
-              f"GRPO {minutes:.1f} min ({minutes / steps:.2f} min/step)")
-        grpo_backend.remove_lora(lm_setup.embedded_engine(profile))
+        change, low, high = evaluation.gain(before, after, seed=seed)
+        results.append((seed, change, low, high, minutes, job.best_checkpoint))
+        print(f"seed {seed}: dev recall {before.score:.1f}% -> {after.score:.1f}% ({change:+.1f} points, 95% CI "
+              f"{low:+.1f} to {high:+.1f}), hidden-page recall {before.hidden_score:.1f}% -> {after.hidden_score:.1f}%, "
+              f"GRPO {minutes:.1f} min ({minutes / steps:.2f} min/step), checkpoint {job.best_checkpoint}")
+        grpo_backend.remove_lora(engine)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {peak:.0f} MB")
-    for seed, gain, minutes in results:
-        verdict = "meets" if gain >= 5 and minutes <= 20 else "misses"
-        print(f"seed {seed}: {gain:+.1f} recall points in {minutes:.1f} min -> {verdict} the goal (>= +5 points in <= 20 min)")
+    for seed, change, low, high, minutes, best in results:
+        verdict = "meets" if change >= 5 and low > 0 and minutes <= 20 else "misses"
+        print(f"seed {seed}: {change:+.1f} points (CI {low:+.1f} to {high:+.1f}) in {minutes:.1f} min, checkpoint {best} "
+              f"-> {verdict} the goal (>= +5 points, CI above 0, <= 20 min)")
+
+
+def _pct(value, scale=100):
+    return "-" if value is None else f"{scale * value:.0f}%"
 
 
 if __name__ == "__main__":

@@ -6,12 +6,15 @@ call routinely takes longer, so the same claim ran twice and the abandoned copie
 for the CPU. Within ``stragglers_not_resubmitted()`` that straggler timeout is off.
 
 DSPy also logs one line per failed example or unparsed rollout; ``loggers_quieted`` silences those
-where our per-claim tables and step logs count them instead.
+where our per-claim tables and step logs count them instead. GRPO's rollouts draw an unlabelled
+``Average Metric`` bar per step (``bootstrap_trace_data`` hard-codes it); ``rollout_bars_hidden`` turns
+it off where 06 prints one labelled line per step instead.
 """
 
 import logging
 from contextlib import contextmanager
 
+from dspy.teleprompt import bootstrap_trace
 from dspy.utils.parallelizer import ParallelExecutor
 
 
@@ -45,3 +48,18 @@ def loggers_quieted(level: int, *names: str, root_filter=None):
             logging.getLogger().removeFilter(root_filter)
         for lg, old in zip(loggers, levels):
             lg.setLevel(old)
+
+
+@contextmanager
+def rollout_bars_hidden():
+    """Within the block, GRPO's rollouts run ``dspy.Evaluate`` without its progress bar."""
+    original = bootstrap_trace.Evaluate
+
+    def quiet(*args, **kwargs):
+        return original(*args, **{**kwargs, "display_progress": False})
+
+    bootstrap_trace.Evaluate = quiet
+    try:
+        yield
+    finally:
+        bootstrap_trace.Evaluate = original

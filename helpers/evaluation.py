@@ -15,9 +15,9 @@ import dspy
 import pandas as pd
 from dspy.utils.exceptions import AdapterParseError
 
-from helpers import atomic
+from helpers import atomic, stats
 from helpers.dspy_compat import loggers_quieted, stragglers_not_resubmitted
-from helpers.metrics import recall
+from helpers.metrics import hidden_recall, recall
 from helpers.profiles import Profile
 
 
@@ -36,8 +36,16 @@ class EvalReport:
             "recall %": round(self.score, 1),
             "gold found at hop 0": int(rows["found_hop0"].sum()),
             "gold found at hop 1": int(rows["found_later"].sum()),
+            "hidden-page recall %": round(self.hidden_score, 1),
             "parse failures": int(rows["failed_module"].notna().sum()),
         }
+
+    @property
+    def hidden_score(self) -> float:
+        """Recall (%) of the gold pages the claims do not name: the multi-hop skill (claims without one left out)."""
+        if "hidden" not in self.per_claim:
+            return float("nan")
+        return 100 * float(self.per_claim["hidden"].dropna().mean())
 
 
 class _RecordFailures(dspy.Module):
@@ -81,8 +89,18 @@ def run_eval(program, examples, threads: int, name: str = "ResearchHop", num_doc
         hop0 = {d.split(" | ")[0] for d in docs[:num_docs]} & gold
         later = ({d.split(" | ")[0] for d in docs[num_docs:]} & gold) - hop0
         rows.append({"claim": example.claim, "recall": float(score), "found_hop0": len(hop0), "found_later": len(later),
+                     "hidden": hidden_recall(example, dspy.Prediction(retrieved_docs=docs)),
                      "failed_module": wrapped.failures.get(example.claim)})
     return EvalReport(name, float(result.score), pd.DataFrame(rows), seconds)
+
+
+def gain(before: EvalReport, after: EvalReport, seed: int = 0) -> tuple[float, float, float]:
+    """Recall gain in points with its paired bootstrap 95 % CI: ``(gain, low, high)`` over the same claims."""
+    b, a = before.per_claim.set_index("claim")["recall"], after.per_claim.set_index("claim")["recall"]
+    if list(b.index) != list(a.index):
+        raise ValueError("the two reports cover different claims: evaluate both on the same list")
+    mean, low, high = stats.paired_bootstrap_ci(list(100 * b), list(100 * a), seed=seed)
+    return mean, low, high
 
 
 def claim_only_report(examples, search, k: int) -> EvalReport:
@@ -93,7 +111,7 @@ def claim_only_report(examples, search, k: int) -> EvalReport:
         docs = search(ex.claim, k)
         rows.append({"claim": ex.claim, "recall": recall(ex, dspy.Prediction(retrieved_docs=docs)),
                      "found_hop0": len({d.split(" | ")[0] for d in docs} & set(ex.titles)), "found_later": 0,
-                     "failed_module": None})
+                     "hidden": hidden_recall(ex, dspy.Prediction(retrieved_docs=docs)), "failed_module": None})
     table = pd.DataFrame(rows)
     return EvalReport(f"claim only, BM25 top {k}", 100 * table["recall"].mean(), table, time.perf_counter() - start)
 
@@ -107,8 +125,12 @@ def comparison_table(pairs: dict) -> pd.DataFrame:
     """Recall before and after, per split: ``{"dev": (before, after), ...}`` -> one row per split (06)."""
     rows = {}
     for split, (before, after) in pairs.items():
+        change, low, high = gain(before, after)
         rows[split] = {"claims": len(after.per_claim), "recall before %": round(before.score, 1),
-                       "recall after %": round(after.score, 1), "change (points)": round(after.score - before.score, 1),
+                       "recall after %": round(after.score, 1), "change (points)": round(change, 1),
+                       "95% CI": f"{low:+.1f} to {high:+.1f}",
+                       "hidden-page recall before %": round(before.hidden_score, 1),
+                       "hidden-page recall after %": round(after.hidden_score, 1),
                        "parse failures before": int(before.per_claim["failed_module"].notna().sum()),
                        "parse failures after": int(after.per_claim["failed_module"].notna().sum())}
     return pd.DataFrame(rows).T

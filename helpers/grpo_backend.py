@@ -5,6 +5,15 @@ Arbor needs NVIDIA GPUs. ``LocalGRPOProvider`` gives ``dspy.teleprompt.grpo.GRPO
 ``step``, ``save_checkpoint``, ``terminate`` -- but trains the in-process SmolLM2 weights. The LoRA
 layers are injected into the very model the engine generates with, so the next rollout already
 uses the updated weights; the engine's lock keeps generation and training apart.
+
+What is trained is not dspy's re-formatted text but the engine's own records of what it sampled
+(``helpers.grpo_data.OnPolicyData``); the loss is ``helpers.grpo_loss``. The path, in order:
+``engine.generate`` records → ``OnPolicyData.rows`` → ``_update`` (log-probs at the rollout temperature,
+PPO ratio to the rollout's log-probs) → ``grpo_loss.policy_loss`` → ``grpo_loss.clipped_step``.
+
+Arbor's ``ArborGRPO`` compile loop cannot drive this job: it writes ``repetition_penalty`` and
+``top_k=-1`` onto the LM, which dspy 3.4.1's custom-engine path refuses (``grpo_training.make_compiler``
+says so before any work).
 """
 
 import json
@@ -19,12 +28,13 @@ from dataclasses import asdict, dataclass
 from dspy.clients.provider import Provider, ReinforceJob
 from dspy.clients.utils_finetune import TrainDataFormat
 
-from helpers import atomic, local_lm
+from helpers import atomic, decoding, grpo_loss, local_lm
 from helpers.errors import TutorialError
+from helpers.grpo_data import DataCheck, OnPolicyData
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05,
+DEFAULT_LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0,  # dropout would make the PPO ratio != 1 at equal weights
                 "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"]}
 
 
@@ -33,8 +43,8 @@ class StepLog:
     """One training step, as 06 plots it."""
 
     step: int
-    groups: int
-    trained_groups: int  # groups whose rewards differ; equal rewards give no gradient
+    groups: int  # groups dspy's GRPO handed over
+    trained_groups: int  # fresh groups whose rewards differ; equal rewards give no gradient
     mean_reward: float
     format_failures: float  # share of completions rewarded at or below the format-failure score
     loss: float
@@ -43,6 +53,10 @@ class StepLog:
     rollout_seconds: float = 0.0  # since the previous step ended: GRPO's rollouts and data preparation
     dev_recall: float | None = None
     checkpoint: str | None = None
+    fresh_groups: int = 0  # groups built from this step's rollouts (repeats and leftovers are not trained)
+    matched_share: float = 1.0  # items whose every field was found among the engine's sampled rows
+    sampled_share: float = 1.0  # trained tokens that are sampled tokens (the data-path check: must be 1.0)
+    hidden_found: float | None = None  # share of claims with a rollout that found a gold page the claim does not name
 
 
 @contextmanager
@@ -53,18 +67,8 @@ def quiet_peft():
         yield
 
 
-def group_advantages(rewards, scale_rewards: bool) -> list[float]:
-    """GRPO's group-relative advantages: reward minus the group mean, optionally divided by the group std."""
-    mean = sum(rewards) / len(rewards)
-    centred = [r - mean for r in rewards]
-    if not scale_rewards:
-        return centred
-    std = math.sqrt(sum(c * c for c in centred) / max(1, len(rewards) - 1))
-    return [c / (std + 1e-4) for c in centred]
-
-
 class LocalReinforceJob(ReinforceJob):
-    """Trains LoRA adapters on the live embedded model from GRPO groups of {messages, completion, reward}."""
+    """Trains LoRA adapters on the live embedded model from what the engine sampled during GRPO's rollouts."""
 
     def __init__(self, lm, train_kwargs=None):
         super().__init__(lm, train_kwargs)
@@ -74,7 +78,9 @@ class LocalReinforceJob(ReinforceJob):
         self.job_id = self.train_kwargs.get("job_id") or f"grpo-{uuid.uuid4().hex[:8]}"
         self.checkpoint_dir = self.train_kwargs.get("checkpoint_dir")
         self.history: list[StepLog] = []
+        self.checks: list[DataCheck] = []
         self.best_checkpoint = None
+        self.data = OnPolicyData(self.engine, scale_rewards=bool(self.train_kwargs.get("scale_rewards", True)))
         self._batch_id = 0
         self._steps = 0
 
@@ -85,8 +91,10 @@ class LocalReinforceJob(ReinforceJob):
 
         kw = self.train_kwargs
         config = LoraConfig(task_type="CAUSAL_LM", **{**DEFAULT_LORA, **(kw.get("lora_config") or {})})
+        seed = int(kw.get("seed", 0))
         with self.engine.lock:
-            torch.manual_seed(int(kw.get("seed", 0)))  # LoRA's A matrices start random
+            torch.manual_seed(seed)  # LoRA's A matrices start random
+            self.engine.seed_sampling(seed)  # and the rollouts differ from seed to seed
             peft_model = getattr(self.engine, "peft_model", None)
             if peft_model is None:
                 with quiet_peft():
@@ -101,9 +109,18 @@ class LocalReinforceJob(ReinforceJob):
             self.optimizer = torch.optim.AdamW(self.params, lr=float(kw.get("learning_rate", 1e-5)),
                                                weight_decay=float(kw.get("weight_decay", 0.0)))
         self.peft_model = peft_model
-        if self.checkpoint_dir:  # the untrained adapter competes too: "best" may be no training at all
+        self.engine.weights_changed()
+        if self.checkpoint_dir:  # one folder per job; a killed earlier save leaves nothing behind
+            atomic.clean_folder(self.job_folder)
             self.save_checkpoint("step-0000", score=kw.get("initial_score"), metadata={"step": 0})
+        self.data.start()
         self._last_end = time.perf_counter()
+
+    @property
+    def job_folder(self):
+        from pathlib import Path
+
+        return Path(self.checkpoint_dir) / self.job_id
 
     def get_status(self):
         return {"job_id": self.job_id, "status": "running", "current_model": self.lm.model,
@@ -123,7 +140,7 @@ class LocalReinforceJob(ReinforceJob):
         self.history.append(record)
         on_step = self.train_kwargs.get("on_step")
         score = None  # a step's rollout reward measures the weights before it, so it cannot rank this checkpoint
-        if on_step is not None:  # e.g. 06 measures dev recall; unmeasured steps do not compete for "best"
+        if on_step is not None:  # e.g. 06 measures recall on held-out claims; unmeasured steps do not compete for "best"
             measured = on_step(record)
             score = record.dev_recall = None if measured is None else float(measured)
         if self.checkpoint_dir and self.train_kwargs.get("checkpoint_every_step", True):
@@ -136,9 +153,7 @@ class LocalReinforceJob(ReinforceJob):
         """Write the adapter to ``<checkpoint_dir>/<job_id>/<name>`` atomically; the best score is kept."""
         if not self.checkpoint_dir:
             raise TutorialError("no checkpoint_dir in train_kwargs: the job cannot save checkpoints")
-        from pathlib import Path
-
-        path = Path(self.checkpoint_dir) / self.job_id / checkpoint_name
+        path = self.job_folder / checkpoint_name
         with self.engine.lock, atomic.atomic_dir(path) as tmp, warnings.catch_warnings():
             # peft looks for the base model's config.json where the GGUF was read from; the vocabulary is unchanged
             warnings.filterwarnings("ignore", message="Could not find a config file")
@@ -151,7 +166,8 @@ class LocalReinforceJob(ReinforceJob):
             self.best_checkpoint = checkpoint_name
 
     def terminate(self):
-        """Load the best-scoring checkpoint's adapter; with no scores at all, the last weights stay."""
+        """Stop recording; load the best-scoring checkpoint's adapter (with no scores at all, the last weights stay)."""
+        self.data.stop()
         if self.best_checkpoint and self.best_checkpoint != self.last_checkpoint:
             self.load_adapter(self.checkpoints[self.best_checkpoint]["path"])
         self.peft_model.eval()
@@ -171,6 +187,7 @@ class LocalReinforceJob(ReinforceJob):
         folder = _adapter_folder(path, self.job_id)
         with self.engine.lock:
             set_peft_model_state_dict(self.peft_model, load_file(folder / "adapter_model.safetensors"), adapter_name=self.job_id)
+        self.engine.weights_changed()
 
     # --- training --------------------------------------------------------------------------
     def _train(self, groups) -> StepLog:
@@ -178,29 +195,28 @@ class LocalReinforceJob(ReinforceJob):
         start = time.perf_counter()
         failure_score = float(kw.get("format_failure_score", -1))
         rewards = [float(c["reward"]) for g in groups for c in g]
-        items = []
-        for group in groups:
-            advantages = group_advantages([float(c["reward"]) for c in group], bool(kw.get("scale_rewards", True)))
-            if max(abs(a) for a in advantages) < 1e-8:
-                continue
-            items.extend((c["messages"], c["completion"]["content"], a) for c, a in zip(group, advantages))
-        trained = sum(1 for g in groups if len({float(c["reward"]) for c in g}) > 1)
+        rows, check = self.data.rows(groups)
+        self.checks.append(check)
+        if check.nonfinite_groups:
+            log.warning("GRPO step %d: %d group(s) with a non-finite reward skipped", self._steps, check.nonfinite_groups)
+        trainable = [r for r in rows if abs(r.advantage) > 1e-8]
         loss_value, grad_norm = 0.0, 0.0
-        if items:
-            loss_value, grad_norm = self._update(items)
-        return StepLog(step=self._steps, groups=len(groups), trained_groups=trained,
+        if trainable:
+            loss_value, grad_norm = self._update(trainable)
+        return StepLog(step=self._steps, groups=len(groups), trained_groups=check.groups_with_variance,
                        mean_reward=sum(rewards) / max(1, len(rewards)),
                        format_failures=sum(r <= failure_score for r in rewards) / max(1, len(rewards)),
-                       loss=loss_value, grad_norm=grad_norm, seconds=time.perf_counter() - start)
+                       loss=loss_value, grad_norm=grad_norm, seconds=time.perf_counter() - start,
+                       fresh_groups=check.fresh_groups, matched_share=check.matched_share,
+                       sampled_share=check.sampled_share)
 
-    def _update(self, items):
-        """Optimizer steps on ``items`` = (messages, completion, advantage).
+    def _update(self, rows):
+        """Optimizer steps on ``rows`` (``grpo_data.TrainRow``: sampled ids, rollout log-probs, advantage).
 
-        Each optimizer step takes ``per_device_train_batch_size * gradient_accumulation_steps`` items (all of
-        them when ``gradient_accumulation_steps`` is unset), and the items are passed ``num_iterations`` times,
-        as in TRL. When that makes more than one step per batch, later steps see completions sampled by
-        older weights, so the loss becomes PPO's clipped ratio to the log-probabilities before the update
-        (``epsilon``, 0.2 by default).
+        Each optimizer step takes ``per_device_train_batch_size * gradient_accumulation_steps`` rows (all of
+        them when ``gradient_accumulation_steps`` is unset), and the rows are passed ``num_iterations`` times,
+        as in TRL. The loss is PPO's clipped ratio to the log-probabilities the rollout sampled with
+        (``epsilon``, 0.2 by default): 1 at the first pass, so that step is plain policy gradient.
         """
         import torch
 
@@ -208,52 +224,50 @@ class LocalReinforceJob(ReinforceJob):
         tok, model = self.engine.tokenizer, self.peft_model
         micro = int(kw.get("per_device_train_batch_size", 4))
         accumulation = kw.get("gradient_accumulation_steps")
-        per_step = micro * int(accumulation) if accumulation else len(items)
+        per_step = micro * int(accumulation) if accumulation else len(rows)
         iterations = int(kw.get("num_iterations", 1))
         epsilon = float(kw.get("epsilon", 0.2))
-        clipped = iterations > 1 or per_step < len(items)
         loss_type, beta = kw.get("loss_type", "dapo"), float(kw.get("beta", 0.0))
         max_len = kw.get("max_completion_length") or 256
-        encoded = [_encode(tok, messages, completion, max_len) for messages, completion, _ in items]
-        advantages = torch.tensor([a for _, _, a in items], dtype=torch.float32)
+        temperatures = {r.temperature for r in rows}
+        if len(temperatures) != 1 or not next(iter(temperatures)) > 0:
+            raise TutorialError(f"GRPO rows must share one sampling temperature > 0, got {sorted(temperatures)}")
+        temperature = temperatures.pop()
+        encoded = [(r.prompt_ids, r.completion_ids[:max_len]) for r in rows]
+        masked = [r.nonblank for r in rows]
+        blank = self.engine.blank_tokens() if any(masked) else None
+        old = [torch.tensor(r.old_logprobs[:max_len]) for r in rows]
+        advantages = torch.tensor([r.advantage for r in rows], dtype=torch.float32)
         bf16 = local_lm.sampling_dtype() != torch.float32 and kw.get("bf16", True)
-        steps = _optimizer_steps(len(items), micro, per_step)
-        losses, norm = [], torch.tensor(0.0)
-        checkpointing = bool(kw.get("gradient_checkpointing", True))  # on CPU: ~1/3 the peak memory, same time
+        steps = _optimizer_steps(len(rows), micro, per_step)
+        losses, norm = [], 0.0
+        # Checkpointing recomputes activations (less memory) but drops the shared-prefix states; sharing is faster.
+        checkpointing = bool(kw.get("gradient_checkpointing", False))
+        logprobs = _completion_logprobs if checkpointing else _shared_prefix_logprobs
+        order = sorted(range(len(rows)), key=lambda i: rows[i].prompt_ids)  # rows sharing a prompt prefix side by side
+        encoded, masked, old = [encoded[i] for i in order], [masked[i] for i in order], [old[i] for i in order]
+        advantages = advantages[order]
         with self.engine.lock, _checkpointing(model, checkpointing):
-            old = {}
-            if clipped:  # the rollout policy's log-probabilities, before any step of this batch
-                model.eval()
-                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    for chunk in (c for step_chunks in steps for c in step_chunks):
-                        old[chunk.start] = _completion_logprobs(model, tok, [encoded[i] for i in chunk])[0].float()
             model.train()
             for _ in range(iterations):
                 for step_chunks in steps:
                     tokens = sum(len(encoded[i][1]) for c in step_chunks for i in c)
                     completions = sum(len(c) for c in step_chunks)
-                    self.optimizer.zero_grad(set_to_none=True)
                     for chunk in step_chunks:
                         batch = [encoded[i] for i in chunk]
+                        first = [masked[i] for i in chunk]
                         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                            logps, masks = _completion_logprobs(model, tok, batch)
+                            logps, masks = logprobs(model, tok, batch, temperature, first, blank)
+                            ref = None
                             if beta > 0:
                                 with torch.no_grad(), model.disable_adapter():
-                                    ref, _ = _completion_logprobs(model, tok, batch)
-                        adv = advantages[chunk.start:chunk.stop, None]
-                        logps = logps.float()
-                        if clipped:
-                            ratio = torch.exp(logps - old[chunk.start])
-                            per_token = -torch.min(ratio * adv, ratio.clamp(1 - epsilon, 1 + epsilon) * adv)
-                        else:
-                            per_token = -adv * logps
-                        if beta > 0:
-                            diff = ref.float() - logps
-                            per_token = per_token + beta * (torch.exp(diff) - diff - 1)
-                        if loss_type == "grpo":  # mean over each completion, then over completions
-                            loss = ((per_token * masks).sum(1) / masks.sum(1).clamp(min=1)).sum() / completions
-                        else:  # "dapo": every completion token counts once
-                            loss = (per_token * masks).sum() / max(1, tokens)
+                                    ref, _ = logprobs(model, tok, batch, temperature, first, blank)
+                        old_logps = torch.zeros_like(logps)
+                        for row, i in enumerate(chunk):
+                            old_logps[row, : len(old[i])] = old[i]
+                        loss = grpo_loss.policy_loss(logps.float(), old_logps, advantages[chunk.start:chunk.stop], masks,
+                                                     epsilon, loss_type, beta, ref,
+                                                     denominator=max(1, tokens if loss_type == "dapo" else completions))
                         if not torch.isfinite(loss):
                             log.warning("GRPO step %d: non-finite loss skipped", self._steps)
                             self.optimizer.zero_grad(set_to_none=True)
@@ -261,14 +275,12 @@ class LocalReinforceJob(ReinforceJob):
                             return float("nan"), 0.0
                         loss.backward()
                         losses.append(loss.item())
-                    norm = torch.nn.utils.clip_grad_norm_(self.params, float(kw.get("max_grad_norm", 1.0)))
-                    if torch.isfinite(norm):
-                        self.optimizer.step()
-                    else:
+                    norm = grpo_loss.clipped_step(self.optimizer, self.params, float(kw.get("max_grad_norm", 1.0)))
+                    if not math.isfinite(norm):
                         log.warning("GRPO step %d: non-finite gradient skipped", self._steps)
-                    self.optimizer.zero_grad(set_to_none=True)
+                    self.engine.weights_changed()
             model.eval()
-        return sum(losses) / max(1, iterations * len(steps)), float(norm)
+        return sum(losses) / max(1, iterations * len(steps)), norm
 
 
 def _optimizer_steps(n: int, micro: int, per_step: int) -> list[list[range]]:
@@ -291,16 +303,11 @@ def _checkpointing(model, enabled: bool):
         base.activation_checkpointing_disable()
 
 
-def _encode(tokenizer, messages, completion, max_len):
-    """Prompt ids (chat template + generation prompt) and completion ids (+ end of turn), truncated."""
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"][: max_len - 1] + [tokenizer.eos_token_id]
-    return prompt_ids, completion_ids
+def _completion_logprobs(model, tokenizer, encoded, temperature: float = 1.0, nonblank=None, blank_mask=None):
+    """Per-token log-probabilities of each completion under ``model`` at ``temperature``, and their mask.
 
-
-def _completion_logprobs(model, tokenizer, encoded):
-    """Per-token log-probabilities of each completion under ``model`` and their mask.
+    Rows flagged in ``nonblank`` were sampled with blank first tokens masked out (``decoding``); their first
+    token's log-probability is taken under the same mask, as it was sampled.
 
     Rows are left-padded so every completion ends at the right edge; the LM head then runs only on the
     last ``longest completion + 1`` positions (``logits_to_keep``), not on the long prompts, which cuts
@@ -318,13 +325,67 @@ def _completion_logprobs(model, tokenizer, encoded):
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=keep + 1,
                    use_cache=False).logits[:, :-1]
-    logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, width - keep:, None]).squeeze(-1)
+    if nonblank is not None and any(nonblank):
+        logits = decoding.mask_blank_first(logits, [keep - len(c) if flag else None
+                                                    for (_, c), flag in zip(encoded, nonblank)], blank_mask)
+    logps = grpo_loss.token_logprobs(logits, ids[:, width - keep:], temperature)
     out = torch.zeros(len(encoded), keep)
     mask = torch.zeros(len(encoded), keep)
     for row, (_, c) in enumerate(encoded):
         out[row, : len(c)] = logps[row, keep - len(c):]
         mask[row, : len(c)] = 1
     return out, mask
+
+
+def _shared_prefix_logprobs(model, tokenizer, encoded, temperature: float = 1.0, nonblank=None, blank_mask=None):
+    """``_completion_logprobs`` computed once for the prompt prefix the rows share (the default, without checkpointing).
+
+    The rollouts of one claim start with the same long prompt (the claim, the search results); a field's
+    second call repeats the first call's prompt. So the longest common prefix of the rows' prompts runs
+    once, batch 1, and every row continues from its states (gradients flow back into it); only each row's
+    own prompt tail and completion are computed per row. Same values as the padded computation.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    prompts = [p for p, _ in encoded]
+    shared = min(len(p) for p in prompts)
+    for p in prompts[1:]:
+        n = 0
+        while n < shared and p[n] == prompts[0][n]:
+            n += 1
+        shared = n
+    shared = max(1, shared)
+    head = model(input_ids=torch.tensor([prompts[0][:shared]]), use_cache=True, logits_to_keep=1)
+    rows = len(encoded)
+    tails = [p[shared:] + c for p, c in encoded]
+    width = max(len(t) for t in tails)
+    ids = torch.full((rows, width), tokenizer.pad_token_id, dtype=torch.long)
+    attention = torch.zeros((rows, shared + width), dtype=torch.long)
+    attention[:, :shared] = 1
+    for row, tail in enumerate(tails):
+        ids[row, : len(tail)] = torch.tensor(tail)
+        attention[row, shared: shared + len(tail)] = 1
+    past = DynamicCache(ddp_cache_data=[(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1))
+                                        for layer in head.past_key_values.layers])
+    positions = torch.arange(shared, shared + width)[None].expand(rows, -1)
+    body = model(input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=past,
+                 use_cache=True).logits
+    # the logit that predicts tail token j sits at j - 1; the head's last logit predicts tail token 0
+    logits = torch.cat([head.logits[:, -1:].expand(rows, -1, -1), body[:, :-1]], dim=1)
+    keep = max(len(c) for _, c in encoded)
+    index = torch.zeros((rows, keep), dtype=torch.long)
+    targets = torch.zeros((rows, keep), dtype=torch.long)
+    mask = torch.zeros(rows, keep)
+    for row, (p, c) in enumerate(encoded):
+        start = len(p) - shared
+        index[row, : len(c)] = torch.arange(start, start + len(c))
+        targets[row, : len(c)] = torch.tensor(c)
+        mask[row, : len(c)] = 1
+    picked = logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))
+    if nonblank is not None and any(nonblank):
+        picked = decoding.mask_blank_first(picked, [0 if flag else None for flag in nonblank], blank_mask)
+    return grpo_loss.token_logprobs(picked, targets, temperature) * mask, mask
 
 
 def _adapter_folder(path, adapter_name=None):
@@ -370,3 +431,4 @@ def remove_lora(engine) -> None:
         with engine.lock:
             engine.model = peft_model.unload()
             engine.peft_model = None
+        engine.weights_changed()

@@ -12,6 +12,8 @@ from helpers.errors import TutorialError
 
 SEED_LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05,
              "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"]}
+# The mini preset's LoRA drops dropout: with it on, the PPO ratio at unchanged weights was 0.62-1.26, not 1.
+MINI_LORA = {**SEED_LORA, "lora_dropout": 0.0}
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,7 @@ PRESETS = {
                             format_failure_score=-0.1),
         train_kwargs={"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
                       "epsilon": 0.2, "beta": 0.0, "loss_type": "dapo", "scale_rewards": True, "max_grad_norm": 1.0,
-                      "bf16": True, "weight_decay": 0.0, "max_completion_length": 160, "lora_config": SEED_LORA,
+                      "bf16": True, "weight_decay": 0.0, "max_completion_length": 160, "lora_config": MINI_LORA,
                       "format_failure_score": -0.1},
         rollout_temperature=0.7,
         needs_gpus=False,

@@ -13,15 +13,18 @@ from pathlib import Path
 import pandas as pd
 
 from helpers import atomic, local_lm, metrics
-from helpers.dspy_compat import loggers_quieted, stragglers_not_resubmitted
+from helpers.dspy_compat import loggers_quieted, rollout_bars_hidden, stragglers_not_resubmitted
 from helpers.errors import TutorialError
 from helpers.grpo_presets import GRPOPreset, train_kwargs_for
 from helpers.profiles import Profile
 
 
-def make_compiler(preset: GRPOPreset, metric, adapter, train_kwargs, **overrides):
+def make_compiler(preset: GRPOPreset, metric, adapter, train_kwargs, lm=None, **overrides):
     """``GRPO(...)`` or ``ArborGRPO(...)`` with the preset's settings; ``overrides`` win (e.g. num_train_steps)."""
     kwargs = {**preset.compile_kwargs, **overrides}
+    if preset.optimizer == "ArborGRPO" and lm is not None and str(lm.model).startswith("local/"):
+        raise TutorialError(f"preset {preset.name!r} runs ArborGRPO, which needs an Arbor server; the embedded LM "
+                            "trains with dspy's GRPO: use the 'mini' preset (or RLMH_PROFILE=full on GPUs)")
     if preset.optimizer == "ArborGRPO":
         try:
             from arbor import ArborGRPO
@@ -47,22 +50,66 @@ def checkpoint_dir(profile: Profile) -> Path:
 
 
 def train(program, trainset, lm, adapter, metric, preset: GRPOPreset, profile: Profile, on_step=None,
-          initial_score=None, **overrides):
+          initial_score=None, progress: bool = False, **overrides):
     """Compile ``program`` (its predictors use ``lm``) with GRPO; returns ``(trained_program, job)``.
 
-    ``on_step(record)`` may return a score (06: dev recall on a subset); ``initial_score`` is the untrained
-    model's score on the same scale, so the untrained adapter can win "best checkpoint" too.
+    ``on_step(record)`` may return a score (06: recall on held-back train claims); ``initial_score`` is the
+    untrained model's score on the same scale, so the untrained adapter can win "best checkpoint" too.
+    ``progress=True`` prints one labelled line per step (``step_line``) instead of dspy's rollout bars.
     """
-    extra = {"on_step": on_step, "initial_score": initial_score} if on_step else {}
+    steps = {**preset.compile_kwargs, **overrides}["num_train_steps"]
+    explored = HiddenPageLog(metric)
+    extra = {"on_step": explored.wrap(on_step, steps if progress else None), "initial_score": initial_score if on_step else None}
     examples = {**preset.compile_kwargs, **overrides}["num_dspy_examples_per_grpo_step"]
     extra["groups_per_step"] = examples * len(program.predictors())  # one group per example and predictor
+    extra["seed"] = overrides.get("seed", 0)  # GRPO's own seed only picks the claims; this one also picks the samples
     train_kwargs = train_kwargs_for(preset, checkpoint_dir(profile), **extra)
     program.set_lm(lm)
-    compiler = make_compiler(preset, metric, adapter, train_kwargs, **overrides)
-    with _quiet_grpo_logs(), stragglers_not_resubmitted():
+    compiler = make_compiler(preset, explored, adapter, train_kwargs, lm=lm, **overrides)
+    with _quiet_grpo_logs(), stragglers_not_resubmitted(), rollout_bars_hidden():
         trained = compiler.compile(student=program, trainset=trainset, valset=None)
     jobs = getattr(lm.provider, "jobs", [])
     return trained, (jobs[-1] if jobs else None)
+
+
+class HiddenPageLog:
+    """The training metric, also noting per claim whether a rollout found a gold page the claim does not name.
+
+    That is the multi-hop skill: if no rollout ever finds such a page, GRPO has nothing to amplify.
+    ``wrap(on_step)`` writes the share of claims with such a find into each step's log.
+    """
+
+    def __init__(self, metric):
+        self.metric, self.found = metric, {}
+        self.__name__ = getattr(metric, "__name__", "metric")
+
+    def __call__(self, example, pred, trace=None):
+        hidden = metrics.hidden_recall(example, pred)
+        if hidden is not None:
+            self.found[example.claim] = self.found.get(example.claim, False) or hidden > 0
+        return self.metric(example, pred, trace)
+
+    def wrap(self, on_step, print_steps: int | None = None):
+        def after_step(record):
+            record.hidden_found = sum(self.found.values()) / len(self.found) if self.found else None
+            self.found = {}
+            score = on_step(record) if on_step is not None else None
+            if print_steps:
+                record.dev_recall = score
+                print(step_line(record, print_steps), flush=True)
+            return score
+
+        return after_step
+
+
+def step_line(record, steps: int) -> str:
+    """One GRPO step in words: where the time went and what the rollouts showed (06's progress)."""
+    scored = "" if record.dev_recall is None else f" · held-back recall {record.dev_recall:.1f}%"
+    found = "-" if record.hidden_found is None else f"{100 * record.hidden_found:.0f}%"
+    return (f"step {record.step}/{steps}: rollouts {record.rollout_seconds:.0f} s, update {record.seconds:.0f} s · "
+            f"mean reward {record.mean_reward:.2f} · groups with a reward spread {record.trained_groups}/{record.fresh_groups} · "
+            f"claims where a rollout found an unnamed gold page {found} · trained tokens sampled "
+            f"{100 * record.sampled_share:.0f}%{scored}")
 
 
 def _quiet_grpo_logs():
@@ -91,9 +138,42 @@ def dev_recall_after_each_step(search, examples, lm, threads: int, every: int = 
     return measure
 
 
-def curve(job) -> pd.DataFrame:
-    """The job's per-step log as a table (reward, format failures, loss, dev recall when measured)."""
-    return pd.DataFrame([vars(s) for s in job.history]).set_index("step")
+def curve(job, initial_score=None) -> pd.DataFrame:
+    """The job's per-step log as a table, from step 0 (the untrained adapter's score) to the last step."""
+    table = pd.DataFrame([vars(s) for s in job.history]).set_index("step")
+    start = pd.DataFrame([{"dev_recall": initial_score}], index=pd.Index([0], name="step"))
+    return pd.concat([start, table]) if initial_score is not None else table
+
+
+def data_check(job) -> pd.DataFrame:
+    """Per step, what the on-policy data path found (``grpo_data.DataCheck``): 06 shows it must read 100 %."""
+    rows = [{"groups": c.groups, "fresh groups": c.fresh_groups, "stale groups": c.stale_groups,
+             "items matched %": round(100 * c.matched_share, 1), "trained tokens": c.trained_tokens,
+             "of them sampled %": round(100 * c.sampled_share, 1)} for c in job.checks]
+    return pd.DataFrame(rows, index=pd.Index(range(1, len(rows) + 1), name="step"))
+
+
+def verdict(before, after, job) -> str:
+    """What one run says, in words: the gain with its CI, which checkpoint won, what to try next (06 ends with it)."""
+    from helpers import evaluation
+
+    change, low, high = evaluation.gain(before, after)
+    found = [s.hidden_found for s in job.history if s.hidden_found is not None]
+    lines = [f"Dev recall {before.score:.1f}% -> {after.score:.1f}%: {change:+.1f} points, 95% CI {low:+.1f} to {high:+.1f} "
+             f"({len(after.per_claim)} claims)."]
+    if job.best_checkpoint in (None, "step-0000"):
+        lines.append("The untrained adapter scored best on the held-back claims, so the program you evaluated is the "
+                     "original model: this run's updates did not help.")
+    if low > 0:
+        lines.append("The interval is above zero: this run improved the program.")
+    elif high < 0:
+        lines.append("The interval is below zero: this run made the program worse.")
+    else:
+        lines.append("The interval includes zero: this run cannot tell an improvement from noise.")
+    if found and max(found) == 0:
+        lines.append("No rollout ever found a gold page the claim does not name, so GRPO had nothing to reinforce: "
+                     "the model must first be able to write a query that names one (a warm start), or sample more rollouts.")
+    return "\n".join(lines)
 
 
 def save_trained(profile: Profile, program, job, name: str = "researchhop_grpo") -> Path:
@@ -140,3 +220,4 @@ def activate_adapter(engine, path: Path, adapter_name: str) -> None:
             peft_model.load_adapter(folder, adapter_name=adapter_name)
             peft_model.set_adapter(adapter_name)
         engine.peft_model.eval()
+    engine.weights_changed()

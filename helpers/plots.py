@@ -19,7 +19,7 @@ def hover_overview(raw, filtered):
 
 
 def baseline_figure(report, claim_only):
-    """Three panels for 05: recall per claim, where gold pages were found, and parse failures per module."""
+    """Three panels for 05: recall per claim, where gold pages were found, and recall of the pages claims do not name."""
     rows = report.per_claim
     fig, (left, mid, right) = plt.subplots(1, 3, figsize=(12, 3.2))
     bins = [0, 0.17, 0.5, 0.83, 1.0]
@@ -31,27 +31,32 @@ def baseline_figure(report, claim_only):
     mid.bar(["hop 0 (claim)", "hop 1 (LM query)"], [rows["found_hop0"].sum(), rows["found_later"].sum()],
             color=["#55a868", "#dd8452"])
     mid.set(title="gold pages found, by hop", ylabel="pages")
-    failures = rows["failed_module"].value_counts()
-    modules = ["append_notes", "generate_query"]
-    right.bar(modules, [int(failures.get(m, 0)) for m in modules], color="#c44e52")
-    right.set(title="parse failures per module", ylabel="claims", ylim=(0, max(1, len(rows))))
+    right.bar([claim_only.name.replace(", ", "\n"), report.name.replace(" (", "\n(")],
+              [claim_only.hidden_score, report.hidden_score], color=["#c0c0c0", "#4c72b0"])
+    right.set(title="gold pages the claim does not name", ylabel="found %", ylim=(0, 100))
     fig.tight_layout()
     return fig
 
 
-def training_curve(curve, baseline_recall=None):
-    """06: mean rollout reward and format-failure share per GRPO step, and dev recall where it was measured."""
+def training_curve(curve):
+    """06: rollout reward and groups with a reward spread per GRPO step; held-back recall from step 0 (untrained)."""
+    from matplotlib.ticker import MaxNLocator
+
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.2))
-    left.plot(curve.index, curve["mean_reward"], marker="o", label="mean rollout reward")
-    left.plot(curve.index, curve["format_failures"], marker="x", label="format-failure share")
+    steps = curve.dropna(subset=["mean_reward"]) if "mean_reward" in curve else curve.iloc[:0]
+    left.plot(steps.index, steps["mean_reward"], marker="o", label="mean rollout reward")
+    if "fresh_groups" in steps:
+        left.plot(steps.index, steps["trained_groups"] / steps["fresh_groups"], marker="x",
+                  label="share of groups with a reward spread")
     left.set(title="rollouts per GRPO step", xlabel="step")
     left.legend(fontsize=7)
     measured = curve["dev_recall"].dropna() if "dev_recall" in curve else curve.index[:0]
     if len(measured):
-        right.plot(measured.index, measured.values, marker="o", color="#55a868", label="dev recall (subset)")
-    if baseline_recall is not None:
-        right.axhline(baseline_recall, color="#999999", linestyle="--", label="before training")
-    right.set(title="dev recall during training", xlabel="step", ylabel="recall %")
+        right.plot(measured.index, measured.values, marker="o", color="#55a868", label="held-back train claims")
+        right.axhline(measured.iloc[0], color="#999999", linestyle="--", label="untrained (step 0)")
+    right.set(title="recall during training (checkpoint choice)", xlabel="step", ylabel="recall %")
     right.legend(fontsize=7)
+    for axis in (left, right):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     return fig

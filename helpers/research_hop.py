@@ -1,8 +1,11 @@
 """The seeds' two-module multi-hop program (introduced in 04_research_hop).
 
-Same instructions, signatures and control flow as the seed. Two changes: the search function is passed
-in instead of being a notebook global, and the prediction also lists the queries searched (the
-training reward of 06 ranks gold pages under them).
+Same instructions, signatures and control flow as the seed. Three changes: the search function is passed
+in instead of being a notebook global; the prediction also lists the queries searched (the training
+reward of 06 ranks gold pages under them); and each predictor gets a *copy* of the notes so far. The
+seed passed the ``key_facts`` list itself and appended to it afterwards; DSPy's trace keeps a reference
+to the inputs, so the trace (and the GRPO training prompt built from it) showed each call the notes it
+had just written -- the answer inside its own prompt. What the program does is unchanged.
 """
 
 import dspy
@@ -31,7 +34,7 @@ class ResearchHop(dspy.Module):
         queries = []
 
         for hop_idx in range(self.num_hops):
-            query = self.generate_query(claim=claim, key_facts=key_facts).followup_search_query if hop_idx else claim
+            query = self.generate_query(claim=claim, key_facts=list(key_facts)).followup_search_query if hop_idx else claim
             search_results = self.search(query, k=self.num_docs)
             queries.append(query)
             retrieved_docs.extend(search_results)
@@ -39,10 +42,34 @@ class ResearchHop(dspy.Module):
             if hop_idx == self.num_hops - 1:
                 break
 
-            prediction = self.append_notes(claim=claim, key_facts=key_facts, new_search_results=search_results)
+            prediction = self.append_notes(claim=claim, key_facts=list(key_facts), new_search_results=search_results)
             key_facts.append(prediction.new_key_facts)
 
         return dspy.Prediction(key_facts=key_facts, retrieved_docs=retrieved_docs, queries=queries)
+
+
+class SeedPatternResearchHop(ResearchHop):
+    """The seeds' forward pass, kept to show the pitfall (06, tests): the notes list itself goes into each call."""
+
+    def forward(self, claim: str) -> list[str]:
+        key_facts, retrieved_docs, queries = [], [], []
+        for hop_idx in range(self.num_hops):
+            query = self.generate_query(claim=claim, key_facts=key_facts).followup_search_query if hop_idx else claim
+            search_results = self.search(query, k=self.num_docs)
+            queries.append(query)
+            retrieved_docs.extend(search_results)
+            if hop_idx == self.num_hops - 1:
+                break
+            prediction = self.append_notes(claim=claim, key_facts=key_facts, new_search_results=search_results)
+            key_facts.append(prediction.new_key_facts)  # the traced call's input list now holds its own answer
+        return dspy.Prediction(key_facts=key_facts, retrieved_docs=retrieved_docs, queries=queries)
+
+
+def traced_notes(program, claim: str) -> list:
+    """The ``key_facts`` each predictor call shows in DSPy's trace after the program ran (what GRPO trains on)."""
+    with dspy.context(trace=[]):
+        program(claim=claim)
+        return [(_module_of(outputs), inputs["key_facts"]) for _, inputs, outputs in dspy.settings.trace]
 
 
 def walkthrough(program: ResearchHop, example) -> pd.DataFrame:

@@ -1,4 +1,4 @@
-"""GRPO on CPU with the real embedded model: the backend alone, driven by dspy's GRPO, and its faults."""
+"""GRPO on CPU with the real embedded model: the on-policy data path, the backend, dspy's GRPO driving it, and faults."""
 
 import logging
 import math
@@ -7,10 +7,12 @@ import dspy
 import pytest
 import torch
 
-from helpers import grpo_backend, grpo_presets, grpo_training, hover, lm_setup, metrics, retrieval
+from helpers import grpo_backend, grpo_presets, grpo_training, hover, lm_setup, local_lm, metrics, retrieval
 from helpers.errors import TutorialError
 from helpers.guided_adapter import GuidedChatAdapter
-from helpers.research_hop import ResearchHop
+from helpers.research_hop import ResearchHop, SeedPatternResearchHop, traced_notes
+
+MESSAGES = [{"role": "system", "content": "Answer with one word."}, {"role": "user", "content": "Name a colour of the sky."}]
 
 
 @pytest.fixture
@@ -19,78 +21,178 @@ def trainable(mini_cache, tmp_path):
     lm = lm_setup.make_lm(mini_cache, trainable=True, temperature=0.7)
     engine = lm_setup.embedded_engine(mini_cache)
     yield lm, engine, tmp_path
+    engine.recorder = None
     grpo_backend.remove_lora(engine)
-
-
-def _group(reward_a, reward_b):
-    messages = [{"role": "system", "content": "Answer with one word."}, {"role": "user", "content": "Sky color?"}]
-    return [{"messages": messages, "completion": {"role": "assistant", "content": "Blue."}, "reward": reward_a},
-            {"messages": messages, "completion": {"role": "assistant", "content": "Green."}, "reward": reward_b}]
-
-
-def _lora_b(job):
-    return torch.cat([p.detach().flatten().clone() for n, p in job.peft_model.named_parameters() if "lora_B" in n])
 
 
 def _job(lm, tmp_path, **kw):
     return lm.reinforce(train_kwargs={"learning_rate": 1e-3, "checkpoint_dir": str(tmp_path), "groups_per_step": 1, **kw})
 
 
-def test_group_advantages():
-    assert grpo_backend.group_advantages([1.0, 1.0, 1.0], scale_rewards=True) == [0.0, 0.0, 0.0]
-    assert grpo_backend.group_advantages([1.0, 0.0], scale_rewards=False) == [0.5, -0.5]
-    scaled = grpo_backend.group_advantages([1.0, 0.0], scale_rewards=True)
-    assert scaled[0] == pytest.approx(0.5 / (math.sqrt(0.5) + 1e-4))
+def _sampled_group(engine, rewards, temperature=1.2, messages=MESSAGES):
+    """A GRPO group as dspy builds it, from replies the engine really sampled (the job's recorder sees them)."""
+    n = len(rewards)
+    conversation = [*messages, {"role": "assistant", "content": "[[ ## answer ## ]]\n"}]
+    out = engine.generate([conversation] * n, local_lm.Sampling(temperature, 1.0, 0, 8), [("\n\n", "[[")] * n,
+                          [local_lm.CallOptions(nonblank=True)] * n)
+    return [{"messages": messages, "reward": r,
+             "completion": {"role": "assistant", "content": f"[[ ## answer ## ]]\n{text.strip()}\n\n[[ ## completed ## ]]\n"}}
+            for (text, *_), r in zip(out, rewards)]
 
 
-def test_completion_logprobs_match_one_unpadded_row_at_a_time(trainable):
-    lm, engine, _ = trainable
-    tok, model = engine.tokenizer, engine.model
-    messages = _group(1, 0)[0]["messages"]
-    encoded = [grpo_backend._encode(tok, messages, c, 32) for c in ("Blue.", "It is a deep green colour, mostly.")]
-    encoded.append(grpo_backend._encode(tok, messages + [{"role": "user", "content": "And grass, at noon?"}], "Green.", 32))
+def _distinct_group(engine, rewards, temperature=1.2):
+    """Sample until the rollouts' texts all differ (a group of identical replies teaches nothing)."""
+    for _ in range(10):
+        engine.recorder.clear()
+        group = _sampled_group(engine, rewards, temperature)
+        if len({item["completion"]["content"] for item in group}) == len(group):
+            return group
+    raise AssertionError("the engine kept sampling identical replies")
+
+
+def _lora_b(job):
+    return torch.cat([p.detach().flatten().clone() for n, p in job.peft_model.named_parameters() if "lora_B" in n])
+
+
+def _sequence_logprob(job, engine, record, temperature):
     with torch.no_grad():
-        batched, mask = grpo_backend._completion_logprobs(model, tok, encoded)
+        logps, mask = grpo_backend._completion_logprobs(job.peft_model, engine.tokenizer,
+                                                        [(record.prompt_ids, record.ids)], temperature)
+    return float((logps * mask).sum())
+
+
+def test_the_trace_keeps_the_notes_each_call_saw(mini_cache):
+    """The seeds' pattern leaks each call's answer into its own traced inputs; ResearchHop's copies do not."""
+    lm = lm_setup.make_lm(mini_cache, temperature=0.0, cache=False)
+    search = retrieval.load_search(mini_cache)
+    _, dev, _ = hover.seed_splits(mini_cache)
+    seen = {}
+    for cls in (ResearchHop, SeedPatternResearchHop):
+        with dspy.context(lm=lm, adapter=GuidedChatAdapter(max_tokens_per_field=16)):
+            program = cls(num_docs=4, num_hops=2, search=search)
+            seen[cls.__name__] = traced_notes(program, dev[0].claim)
+            notes = program(claim=dev[0].claim).key_facts
+    # append_notes saw no notes, generate_query saw the one note
+    assert seen["ResearchHop"] == [("append_notes", []), ("generate_query", notes)]
+    # the leak: append_notes's trace shows its own answer
+    assert seen["SeedPatternResearchHop"] == [("append_notes", notes), ("generate_query", notes)]
+
+
+def test_shared_prefix_logprobs_match_one_unpadded_row_at_a_time(trainable):
+    lm, engine, _ = trainable
+    tok, model, blank = engine.tokenizer, engine.model, engine.blank_tokens()
+    base = local_lm.prompt_ids(tok, [*MESSAGES, {"role": "assistant", "content": "[[ ## answer ## ]]\n"}])
+    longer = local_lm.prompt_ids(tok, [*MESSAGES, {"role": "assistant", "content": "[[ ## answer ## ]]\nBlue\n\n[[ ## why ## ]]\n"}])
+    other = local_lm.prompt_ids(tok, [MESSAGES[0], {"role": "user", "content": "And grass, at noon?"}])
+    encoded = [(base, tok("Blue.\n\n")["input_ids"]), (base, tok(" It is a deep green colour.")["input_ids"]),
+               (longer, tok("Because.")["input_ids"]), (other, tok("Green")["input_ids"])]
+    nonblank = [True, False, True, False]
+    with torch.no_grad():
+        shared, mask = grpo_backend._shared_prefix_logprobs(model, tok, encoded, 0.7, nonblank, blank)
+        padded, _ = grpo_backend._completion_logprobs(model, tok, encoded, 0.7, nonblank, blank)
         for row, (p, c) in enumerate(encoded):
             logits = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1:-1]
-            alone = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(c)[:, None]).squeeze(-1)
+            if nonblank[row]:
+                logits[0] = logits[0].masked_fill(blank, float("-inf"))
+            alone = torch.log_softmax(logits / 0.7, -1).gather(-1, torch.tensor(c)[:, None]).squeeze(-1)
             assert mask[row].sum() == len(c)
-            assert torch.allclose(batched[row, : len(c)], alone, atol=2e-3), (row, batched[row], alone)
+            assert torch.allclose(shared[row, : len(c)], alone, atol=2e-3), (row, shared[row], alone)
+            assert torch.allclose(padded[row, : len(c)], alone, atol=2e-3), (row, padded[row], alone)
+
+
+def test_rows_are_the_sampled_tokens_and_a_group_trains_once(trainable):
+    lm, engine, tmp_path = trainable
+    job = _job(lm, tmp_path)
+    group = _distinct_group(engine, [1.0, 0.0, 0.5])
+    records = list(job.data.records)
+    start = _lora_b(job)
+    record = job.step([{"batch_id": 0, "group": group}], "grpo_chat")
+    check = job.checks[-1]
+    assert (check.fresh_groups, check.stale_groups, check.matched_items, check.items) == (1, 0, 3, 3)
+    assert check.trained_tokens == sum(len(r.ids) for r in records) and record.sampled_share == 1.0
+    prompt = local_lm.prompt_ids(engine.tokenizer, [*MESSAGES, {"role": "assistant", "content": "[[ ## answer ## ]]\n"}])
+    assert all(r.prompt_ids == prompt for r in records)  # the generation-time prompt, prefilled marker included
+    assert not torch.equal(start, _lora_b(job))
+    trained = _lora_b(job)
+    again = job.step([{"batch_id": 1, "group": group}], "grpo_chat")  # dspy's queue refilling with an old group
+    assert (job.checks[-1].stale_groups, job.checks[-1].fresh_groups, again.trained_groups) == (1, 0, 0)
+    assert torch.equal(trained, _lora_b(job))
+
+
+def test_an_item_whose_prompt_was_never_sampled_is_not_trained(trainable):
+    lm, engine, tmp_path = trainable
+    job = _job(lm, tmp_path)
+    group = _distinct_group(engine, [1.0, 0.0])
+    leaked = [{**item, "messages": [MESSAGES[0], {"role": "user", "content": MESSAGES[1]["content"] + " Blue."}]}
+              for item in group]
+    start = _lora_b(job)
+    job.step([{"batch_id": 0, "group": leaked}], "grpo_chat")
+    assert job.checks[-1].stale_groups == 1 and job.checks[-1].trained_tokens == 0
+    assert torch.equal(start, _lora_b(job))
+
+
+def test_ratio_is_one_at_the_rollout_weights(trainable):
+    """New log-probs at the rollout temperature, no dropout, the first token under the non-blank mask it was drawn
+    with: the trainer's log-probs equal the rollout's own, so the PPO ratio starts at 1."""
+    lm, engine, tmp_path = trainable
+    job = _job(lm, tmp_path, lora_config=grpo_presets.MINI_LORA)
+    _distinct_group(engine, [1.0, 0.0], temperature=0.7)
+    records = job.data.records
+    assert all(r.nonblank for r in records)
+    job.peft_model.train()
+    try:
+        with torch.no_grad():
+            logps, mask = grpo_backend._shared_prefix_logprobs(job.peft_model, engine.tokenizer,
+                                                               [(r.prompt_ids, r.ids) for r in records], 0.7,
+                                                               [r.nonblank for r in records], engine.blank_tokens())
+        for row, record in enumerate(records):
+            ratio = torch.exp(logps[row, : len(record.ids)] - torch.tensor(record.logprobs))
+            assert torch.allclose(ratio, torch.ones_like(ratio), atol=2e-3), ratio
+    finally:
+        job.peft_model.eval()
 
 
 def test_a_step_moves_the_preferred_completion_up(trainable):
     lm, engine, tmp_path = trainable
     job = _job(lm, tmp_path)
-    tok = engine.tokenizer
-    encoded = [grpo_backend._encode(tok, _group(1, 0)[0]["messages"], c, 16) for c in ("Blue.", "Green.")]
-    with torch.no_grad():
-        before, mask = grpo_backend._completion_logprobs(job.peft_model, tok, encoded)
-    for _ in range(3):
-        record = job.step([{"batch_id": 0, "group": _group(1.0, 0.0)}], "grpo_chat")
-    with torch.no_grad():
-        after, _ = grpo_backend._completion_logprobs(job.peft_model, tok, encoded)
-    gain = ((after - before) * mask).sum(1)  # change in each completion's log-probability
-    assert gain[0] - gain[1] > 1.0 and gain[1] < 0, gain  # the rewarded one gained on the other
+    for i in range(3):
+        group = _distinct_group(engine, [1.0, 0.0])
+        best, worst = list(job.data.records)
+        before = [_sequence_logprob(job, engine, r, 1.2) for r in (best, worst)]
+        record = job.step([{"batch_id": i, "group": group}], "grpo_chat")
+        after = [_sequence_logprob(job, engine, r, 1.2) for r in (best, worst)]
+        assert after[0] - before[0] > after[1] - before[1], (before, after)
     assert math.isfinite(record.loss) and record.trained_groups == 1
     assert (tmp_path / job.job_id / "step-0003" / job.job_id / "adapter_model.safetensors").exists()
     assert job.get_status()["pending_batch_ids"] == [3]
 
 
-def test_equal_rewards_give_no_gradient_and_nonfinite_loss_is_skipped(trainable, caplog):
-    lm, _, tmp_path = trainable
+def test_equal_rewards_give_no_gradient_and_nonfinite_rewards_are_skipped(trainable, caplog):
+    lm, engine, tmp_path = trainable
     job = _job(lm, tmp_path)
     start = _lora_b(job)
-    record = job.step([{"batch_id": 0, "group": _group(0.5, 0.5)}], "grpo_chat")
-    assert record.trained_groups == 0 and torch.equal(start, _lora_b(job))
+    record = job.step([{"batch_id": 0, "group": _distinct_group(engine, [0.5, 0.5])}], "grpo_chat")
+    assert record.trained_groups == 0 and job.checks[-1].fresh_groups == 1 and torch.equal(start, _lora_b(job))
     with caplog.at_level(logging.WARNING):
-        record = job.step([{"batch_id": 1, "group": _group(float("nan"), 0.0)}], "grpo_chat")
-    assert math.isnan(record.loss) and "non-finite" in caplog.text and torch.equal(start, _lora_b(job))
+        record = job.step([{"batch_id": 1, "group": _distinct_group(engine, [float("nan"), 0.0])}], "grpo_chat")
+    assert job.checks[-1].nonfinite_groups == 1 and "non-finite reward" in caplog.text
+    assert record.loss == 0.0 and torch.equal(start, _lora_b(job))
+
+
+def test_seeds_change_the_rollouts(trainable):
+    lm, engine, tmp_path = trainable
+    texts = []
+    for seed in (0, 1, 0):
+        job = _job(lm, tmp_path, seed=seed)
+        texts.append([item["completion"]["content"] for item in _sampled_group(engine, [0.0] * 4)])
+        job.terminate()
+    assert texts[0] == texts[2] and texts[0] != texts[1]
 
 
 def test_interrupted_checkpoint_leaves_the_last_good_one(trainable, monkeypatch):
-    lm, _, tmp_path = trainable
+    lm, engine, tmp_path = trainable
     job = _job(lm, tmp_path)
-    job.step([{"batch_id": 0, "group": _group(1.0, 0.0)}], "grpo_chat")
+    job.step([{"batch_id": 0, "group": _distinct_group(engine, [1.0, 0.0])}], "grpo_chat")
     good = tmp_path / job.job_id / "step-0001"
     files = sorted(p.name for p in good.rglob("*"))
 
@@ -106,37 +208,60 @@ def test_interrupted_checkpoint_leaves_the_last_good_one(trainable, monkeypatch)
 
 
 def test_best_checkpoint_is_restored_on_terminate(trainable):
-    lm, _, tmp_path = trainable
+    lm, engine, tmp_path = trainable
     job = _job(lm, tmp_path, initial_score=10.0)
     untrained = _lora_b(job)
-    job.step([{"batch_id": 0, "group": _group(1.0, 0.0)}], "grpo_chat")  # unscored: no on_step callback
+    job.step([{"batch_id": 0, "group": _distinct_group(engine, [1.0, 0.0])}], "grpo_chat")  # unscored
     assert not torch.equal(untrained, _lora_b(job))
     job.terminate()
     assert job.best_checkpoint == "step-0000" and torch.equal(untrained, _lora_b(job))
 
 
-def test_dspy_grpo_drives_the_backend(trainable, mini_cache):
+def test_several_clipped_optimizer_steps_per_batch(trainable):
+    lm, engine, tmp_path = trainable
+    job = _job(lm, tmp_path, per_device_train_batch_size=1, gradient_accumulation_steps=1, num_iterations=2,
+               learning_rate=5e-4)
+    group = _distinct_group(engine, [1.0, 0.0])
+    best, worst = list(job.data.records)
+    before = [_sequence_logprob(job, engine, r, 1.2) for r in (best, worst)]
+    steps = []
+    original = job.optimizer.step
+    job.optimizer.step = lambda *a, **k: steps.append(1) or original(*a, **k)
+    record = job.step([{"batch_id": 0, "group": group}], "grpo_chat")
+    after = [_sequence_logprob(job, engine, r, 1.2) for r in (best, worst)]
+    assert len(steps) == 4  # 2 completions, one per optimizer step, 2 passes
+    assert after[0] > before[0] and after[1] < before[1] and math.isfinite(record.loss), (before, after)
+
+
+def test_dspy_grpo_drives_the_backend_on_policy(trainable, mini_cache):
+    """A real rollout through dspy's GRPO: every item is found among the sampled rows, for both predictors."""
     lm, engine, _ = trainable
     search = retrieval.load_search(mini_cache)
     train, _, _ = hover.seed_splits(mini_cache)
-    program = ResearchHop(num_docs=4, num_hops=2, search=search)
     preset = grpo_presets.get_preset("mini")
-    adapter = GuidedChatAdapter(max_tokens_per_field=24)
+    adapter = GuidedChatAdapter(max_tokens_per_field=16)
     with dspy.context(adapter=adapter):
-        trained, job = grpo_training.train(program, train[:4], lm, adapter, metrics.recall, preset, mini_cache,
-                                           num_train_steps=2, num_dspy_examples_per_grpo_step=2,
-                                           num_rollouts_per_grpo_step=2, num_threads=4)
-    assert [s.step for s in job.history] == [1, 2]
-    assert all(s.groups == 4 and 0 <= s.format_failures <= 1 for s in job.history)
-    assert all(math.isfinite(s.loss) for s in job.history)
+        trained, job = grpo_training.train(ResearchHop(num_docs=4, num_hops=2, search=search), train[:4], lm, adapter,
+                                           metrics.recall, preset, mini_cache, num_train_steps=2,
+                                           num_dspy_examples_per_grpo_step=2, num_rollouts_per_grpo_step=2,
+                                           num_threads=4, seed=3)
+    assert [s.step for s in job.history] == [1, 2] and job.train_kwargs["seed"] == 3
+    for step, check in zip(job.history, job.checks):
+        assert (check.groups, check.fresh_groups, check.stale_groups) == (4, 4, 0)  # 2 claims x 2 predictors
+        assert check.matched_items == check.items == 8 and step.sampled_share == 1.0
+        assert step.format_failures == 0.0 and math.isfinite(step.loss) and step.hidden_found is not None
     assert {"step-0000", "step-0001", "step-0002"} <= set(job.checkpoints)
     saved = grpo_training.save_trained(mini_cache, trained, job)
     assert (saved / "program.json").exists() and (saved / "adapter").is_dir()
 
 
-def test_unknown_preset_and_untrainable_lm_fail_in_one_line(mini_profile, monkeypatch):
+def test_unknown_preset_untrainable_lm_and_arbor_with_the_embedded_lm_fail_in_one_line(mini_profile, monkeypatch):
     with pytest.raises(TutorialError, match="choose one of mini, seed_6gpu, seed_arbor_4gpu"):
         grpo_presets.get_preset("huge")
+    lm = lm_setup.make_lm(mini_profile, trainable=True)
+    with pytest.raises(TutorialError, match="ArborGRPO, which needs an Arbor server") as err:
+        grpo_training.make_compiler(grpo_presets.get_preset("seed_arbor_4gpu"), metrics.recall, None, {}, lm=lm)
+    assert "\n" not in str(err.value)
     monkeypatch.setenv("RLMH_LM", "openai")
     with pytest.raises(TutorialError, match="evaluation only"):
         lm_setup.make_lm(mini_profile, trainable=True)
@@ -154,22 +279,3 @@ def test_arbor_config_warns_on_obsolete_gpu_ids(tmp_path):
     (tmp_path / "bad.yaml").write_text("a: [1,\n")
     with pytest.raises(TutorialError, match="not valid YAML"):
         arbor_config.read(tmp_path / "bad.yaml")
-
-
-def test_several_clipped_optimizer_steps_per_batch(trainable):
-    lm, engine, tmp_path = trainable
-    job = _job(lm, tmp_path, per_device_train_batch_size=1, gradient_accumulation_steps=1, num_iterations=2,
-               learning_rate=5e-4)
-    tok = engine.tokenizer
-    encoded = [grpo_backend._encode(tok, _group(1, 0)[0]["messages"], c, 16) for c in ("Blue.", "Green.")]
-    with torch.no_grad():
-        before, mask = grpo_backend._completion_logprobs(job.peft_model, tok, encoded)
-    steps = []
-    original = job.optimizer.step
-    job.optimizer.step = lambda *a, **k: steps.append(1) or original(*a, **k)
-    record = job.step([{"batch_id": 0, "group": _group(1.0, 0.0)}], "grpo_chat")
-    with torch.no_grad():
-        after, _ = grpo_backend._completion_logprobs(job.peft_model, tok, encoded)
-    gain = ((after - before) * mask).sum(1)
-    assert len(steps) == 4  # 2 completions, one per optimizer step, 2 passes
-    assert gain[0] > 0 > gain[1] and math.isfinite(record.loss), gain
