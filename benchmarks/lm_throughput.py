@@ -97,7 +97,7 @@ def workload(claims: int, rollout_claims: int, rollouts: int):
         engine.generate = generate
         engine.weights_changed()
         stats, tokens = engine.prefix_cache.stats, engine.stats.generated_tokens
-        computed, reused = stats.computed_tokens, stats.reused_tokens
+        computed, reused, prefilled = stats.computed_tokens, stats.reused_tokens, engine.stats.reference_prompt_tokens
         report = evaluation.run_eval(ResearchHop(4, 2, search), dev[:claims], profile.eval_threads)
         start = time.perf_counter()
         with dspy.context(lm=sampled_lm):
@@ -109,7 +109,8 @@ def workload(claims: int, rollout_claims: int, rollouts: int):
         print(f"{mode} prefix reuse: evaluation of {claims} claims {report.seconds:.1f} s "
               f"({report.seconds / claims:.2f} s/claim, recall {report.score:.2f}%), rollouts of "
               f"{rollout_claims}x{rollouts} programs {rollout_seconds:.1f} s; prompt tokens computed "
-              f"{stats.computed_tokens - computed}, reused {stats.reused_tokens - reused}; decode tokens "
+              f"{stats.computed_tokens - computed + engine.stats.reference_prompt_tokens - prefilled}, "
+              f"reused {stats.reused_tokens - reused}; decode tokens "
               f"{engine.stats.generated_tokens - tokens}")
     engine.generate = reuse
     (b, b_roll), (a, a_roll) = timings["before"], timings["after"]

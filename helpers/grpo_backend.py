@@ -243,7 +243,7 @@ class LocalReinforceJob(ReinforceJob):
         losses, norm = [], 0.0
         # Checkpointing recomputes activations (less memory) but drops the shared-prefix states; sharing is faster.
         checkpointing = bool(kw.get("gradient_checkpointing", False))
-        logprobs = _completion_logprobs if checkpointing else _shared_prefix_logprobs
+        logprobs = _completion_logprobs if checkpointing else shared_prefix_logprobs
         order = sorted(range(len(rows)), key=lambda i: rows[i].prompt_ids)  # rows sharing a prompt prefix side by side
         encoded, masked, old = [encoded[i] for i in order], [masked[i] for i in order], [old[i] for i in order]
         advantages = advantages[order]
@@ -337,7 +337,7 @@ def _completion_logprobs(model, tokenizer, encoded, temperature: float = 1.0, no
     return out, mask
 
 
-def _shared_prefix_logprobs(model, tokenizer, encoded, temperature: float = 1.0, nonblank=None, blank_mask=None):
+def shared_prefix_logprobs(model, tokenizer, encoded, temperature: float = 1.0, nonblank=None, blank_mask=None):
     """``_completion_logprobs`` computed once for the prompt prefix the rows share (the default, without checkpointing).
 
     The rollouts of one claim start with the same long prompt (the claim, the search results); a field's
@@ -356,7 +356,8 @@ def _shared_prefix_logprobs(model, tokenizer, encoded, temperature: float = 1.0,
             n += 1
         shared = n
     shared = max(1, shared)
-    head = model(input_ids=torch.tensor([prompts[0][:shared]]), use_cache=True, logits_to_keep=1)
+    body = (model.get_base_model() if hasattr(model, "get_base_model") else model)  # LoRA layers sit inside it
+    head = body.model(input_ids=torch.tensor([prompts[0][:shared]]), use_cache=True)
     rows = len(encoded)
     tails = [p[shared:] + c for p, c in encoded]
     width = max(len(t) for t in tails)
@@ -369,10 +370,10 @@ def _shared_prefix_logprobs(model, tokenizer, encoded, temperature: float = 1.0,
     past = DynamicCache(ddp_cache_data=[(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1))
                                         for layer in head.past_key_values.layers])
     positions = torch.arange(shared, shared + width)[None].expand(rows, -1)
-    body = model(input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=past,
-                 use_cache=True).logits
-    # the logit that predicts tail token j sits at j - 1; the head's last logit predicts tail token 0
-    logits = torch.cat([head.logits[:, -1:].expand(rows, -1, -1), body[:, :-1]], dim=1)
+    hidden = body.model(input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=past,
+                        use_cache=True).last_hidden_state
+    # the state that predicts tail token j sits at j - 1; the head's last state predicts tail token 0
+    states = torch.cat([head.last_hidden_state[:, -1:].expand(rows, -1, -1), hidden[:, :-1]], dim=1)
     keep = max(len(c) for _, c in encoded)
     index = torch.zeros((rows, keep), dtype=torch.long)
     targets = torch.zeros((rows, keep), dtype=torch.long)
@@ -382,7 +383,8 @@ def _shared_prefix_logprobs(model, tokenizer, encoded, temperature: float = 1.0,
         index[row, : len(c)] = torch.arange(start, start + len(c))
         targets[row, : len(c)] = torch.tensor(c)
         mask[row, : len(c)] = 1
-    picked = logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))
+    # the LM head (49k words) runs only where a completion token is predicted: most of the memory otherwise
+    picked = body.lm_head(states.gather(1, index[..., None].expand(-1, -1, states.shape[-1])))
     if nonblank is not None and any(nonblank):
         picked = decoding.mask_blank_first(picked, [0 if flag else None for flag in nonblank], blank_mask)
     return grpo_loss.token_logprobs(picked, targets, temperature) * mask, mask

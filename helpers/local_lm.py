@@ -117,6 +117,7 @@ class EngineStats:
     batch_sizes: list = field(default_factory=list)
     generated_tokens: int = 0
     generate_seconds: float = 0.0
+    reference_prompt_tokens: int = 0  # prompt tokens prefilled by generate_reference (no reuse: all computed)
 
 
 @dataclass
@@ -278,6 +279,7 @@ class BatchingEngine:
         shared_stops = {tuple(s) for s in stops or [()]}
         if len(shared_stops) == 1 and next(iter(shared_stops)):  # rows stop early instead of running to max_tokens
             kwargs.update(stop_strings=list(next(iter(shared_stops))), tokenizer=tok)
+        start = time.perf_counter()
         with self.lock, torch.inference_mode():
             out = self.model.generate(**enc, **kwargs)
         new = out[:, enc["input_ids"].shape[1]:]
@@ -292,6 +294,10 @@ class BatchingEngine:
                 if s and s in text:
                     text, finish = text[: text.index(s)], "stop"
             results.append((text, int(mask.sum()), len(ids), finish))
+        self.stats.batch_sizes.append(len(prompts))
+        self.stats.generated_tokens += sum(r[2] for r in results)
+        self.stats.reference_prompt_tokens += sum(r[1] for r in results)
+        self.stats.generate_seconds += time.perf_counter() - start
         return results
 
     def blank_tokens(self):

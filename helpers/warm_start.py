@@ -251,56 +251,14 @@ def calls(rows: list[SFTRow]) -> list[list[SFTRow]]:
 
 
 def shared_prefix_logprobs(model, tokenizer, groups, temperature: float = 1.0):
-    """Per-token log-probs of every row's completion, computing each group's shared prompt prefix once.
+    """Per-token log-probs of every row's completion (``groups``: lists of ``(prompt_ids, completion_ids)``), rows in order.
 
-    ``groups``: lists of ``(prompt_ids, completion_ids)`` whose prompts share a prefix (the field calls of one
-    predictor call). Exactly the log-probs of ``grpo_backend._completion_logprobs`` on the same rows (the
-    gradient too: it flows through the shared prefix's keys and values), at about half the cost, since the
-    ~400-token prompt is not run once per field. Returns ``(logps, mask)`` over the rows in order, [rows, longest].
+    The field calls of one predictor call share their prompt up to the prefill, so the rows go to
+    ``grpo_backend.shared_prefix_logprobs``, which runs their common prompt prefix once.
     """
-    import torch
-    from transformers import DynamicCache
+    from helpers.grpo_backend import shared_prefix_logprobs as shared
 
-    from helpers import grpo_loss
-
-    prefixes = []
-    for group in groups:
-        n = min(len(p) for p, _ in group) - 1  # every row keeps >= 1 prompt token for its first prediction
-        first = group[0][0]
-        for p, _ in group[1:]:
-            n = next((i for i in range(n) if p[i] != first[i]), n)
-        prefixes.append(first[:n])
-    width = max(len(x) for x in prefixes)
-    pad = tokenizer.pad_token_id
-    ids = torch.full((len(groups), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for g, prefix in enumerate(prefixes):  # left-padded: every prefix ends at the right edge
-        ids[g, width - len(prefix):] = torch.tensor(prefix, dtype=torch.long)
-        mask[g, width - len(prefix):] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    owner = [g for g, group in enumerate(groups) for _ in group]
-    rows = [(p[len(prefixes[g]):], c) for g, group in enumerate(groups) for p, c in group]
-    index = torch.tensor(owner)
-    kv = [(layer.keys.index_select(0, index), layer.values.index_select(0, index)) for layer in out.past_key_values.layers]
-    tail = max(len(s) + len(c) for s, c in rows)
-    t_ids = torch.full((len(rows), tail), pad, dtype=torch.long)
-    t_mask = torch.zeros_like(t_ids)
-    for r, (s, c) in enumerate(rows):  # right-padded after the prefix: pads come after every real token
-        t_ids[r, : len(s) + len(c)] = torch.tensor(s + c, dtype=torch.long)
-        t_mask[r, : len(s) + len(c)] = 1
-    start = torch.tensor([len(prefixes[g]) for g in owner])
-    t_pos = start[:, None] + torch.arange(tail)[None]
-    logits = model(input_ids=t_ids, attention_mask=torch.cat([mask[index], t_mask], dim=1), position_ids=t_pos,
-                   past_key_values=DynamicCache(ddp_cache_data=kv), use_cache=True).logits
-    keep = max(len(c) for _, c in rows)
-    logps = torch.zeros(len(rows), keep)
-    c_mask = torch.zeros(len(rows), keep)
-    for r, (s, c) in enumerate(rows):  # the logits at position i predict token i + 1
-        pred = logits[r, len(s) - 1: len(s) + len(c) - 1]
-        logps[r, : len(c)] = grpo_loss.token_logprobs(pred, torch.tensor(c), temperature)
-        c_mask[r, : len(c)] = 1
-    return logps, c_mask
+    return shared(model, tokenizer, [row for group in groups for row in group], temperature)
 
 
 def nll(engine, rows: list[SFTRow], batch: int = 4) -> float:

@@ -88,7 +88,7 @@ def test_shared_prefix_logprobs_match_one_unpadded_row_at_a_time(trainable):
                (longer, tok("Because.")["input_ids"]), (other, tok("Green")["input_ids"])]
     nonblank = [True, False, True, False]
     with torch.no_grad():
-        shared, mask = grpo_backend._shared_prefix_logprobs(model, tok, encoded, 0.7, nonblank, blank)
+        shared, mask = grpo_backend.shared_prefix_logprobs(model, tok, encoded, 0.7, nonblank, blank)
         padded, _ = grpo_backend._completion_logprobs(model, tok, encoded, 0.7, nonblank, blank)
         for row, (p, c) in enumerate(encoded):
             logits = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1:-1]
@@ -142,7 +142,7 @@ def test_ratio_is_one_at_the_rollout_weights(trainable):
     job.peft_model.train()
     try:
         with torch.no_grad():
-            logps, mask = grpo_backend._shared_prefix_logprobs(job.peft_model, engine.tokenizer,
+            logps, mask = grpo_backend.shared_prefix_logprobs(job.peft_model, engine.tokenizer,
                                                                [(r.prompt_ids, r.ids) for r in records], 0.7,
                                                                [r.nonblank for r in records], engine.blank_tokens())
         for row, record in enumerate(records):
