@@ -24,6 +24,7 @@ import uuid
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from dspy.clients.provider import Provider, ReinforceJob
 from dspy.clients.utils_finetune import TrainDataFormat
@@ -110,16 +111,16 @@ class LocalReinforceJob(ReinforceJob):
                                                weight_decay=float(kw.get("weight_decay", 0.0)))
         self.peft_model = peft_model
         self.engine.weights_changed()
-        if self.checkpoint_dir:  # one folder per job; a killed earlier save leaves nothing behind
-            atomic.clean_folder(self.job_folder)
+        if self.checkpoint_dir:  # one folder per job (its id is new each run); killed saves of earlier jobs leave nothing
+            for folder in [Path(self.checkpoint_dir), *Path(self.checkpoint_dir).glob("grpo-*")]:
+                atomic.clean_folder(folder)
+            log.info("GRPO job %s: checkpoints in %s", self.job_id, self.job_folder)
             self.save_checkpoint("step-0000", score=kw.get("initial_score"), metadata={"step": 0})
         self.data.start()
         self._last_end = time.perf_counter()
 
     @property
     def job_folder(self):
-        from pathlib import Path
-
         return Path(self.checkpoint_dir) / self.job_id
 
     def get_status(self):

@@ -171,8 +171,9 @@ def verdict(before, after, job) -> str:
     else:
         lines.append("The interval includes zero: this run cannot tell an improvement from noise.")
     if found and max(found) == 0:
-        lines.append("No rollout ever found a gold page the claim does not name, so GRPO had nothing to reinforce: "
-                     "the model must first be able to write a query that names one (a warm start), or sample more rollouts.")
+        lines.append(f"Hidden-page recall {before.hidden_score:.1f}% -> {after.hidden_score:.1f}%: no rollout ever found a gold "
+                     "page the claim does not name, so the multi-hop skill itself was not reinforced; any gain is on pages "
+                     "the claim names. A warm start (a model that can write a query naming one) comes first.")
     return "\n".join(lines)
 
 

@@ -3,7 +3,7 @@
 import dspy
 import pytest
 
-from helpers import adapter_choice, evaluation, hover, lm_setup, retrieval
+from helpers import adapter_choice, evaluation, hover, lm_setup, local_lm, retrieval
 from helpers.errors import TutorialError
 from helpers.guided_adapter import GuidedChatAdapter
 from helpers.research_hop import ResearchHop, walkthrough
@@ -25,13 +25,23 @@ def test_guided_adapter_writes_the_markers_and_parses(setup):
     assert last[-1]["role"] == "assistant" and last[-1]["content"].endswith("[[ ## answer ## ]]\n")
 
 
-def test_guided_adapter_beats_stock_chat_adapter_on_both_predictors(setup):
-    lm, search, dev = setup
-    rates = adapter_choice.parse_rates(lm.copy(max_tokens=96), dev[:4], search, threads=4,
-                                       adapters=["ChatAdapter", "GuidedChatAdapter"])
-    assert rates.loc["GuidedChatAdapter", "total parsed"] >= 0.75
-    assert rates.loc["GuidedChatAdapter", "total parsed"] > rates.loc["ChatAdapter", "total parsed"]
-    assert adapter_choice.best_adapter(rates) == "GuidedChatAdapter"
+def test_guided_reply_is_a_complete_chat_adapter_reply(setup):
+    """The joined reply ends with ChatAdapter's ``[[ ## completed ## ]]`` marker, as GRPO's training format does."""
+    lm, _, _ = setup
+    adapter = GuidedChatAdapter(max_tokens_per_field=8)
+    signature = dspy.ChainOfThought("question -> answer").predict.signature
+    messages = adapter.format(signature, [], {"question": "What color is grass?"})
+    reply = adapter._reply(lm, messages, signature, {"temperature": 0.0, "stop": ["\n\n", "[["], "max_tokens": 8})
+    assert reply.startswith("[[ ## reasoning ## ]]\n") and reply.endswith("\n\n[[ ## completed ## ]]\n")
+    assert reply == adapter.format_assistant_message_content(signature, adapter.parse(signature, reply))
+
+
+def test_max_tokens_of_a_dspy_call_reaches_the_engine(setup):
+    lm, _, _ = setup
+    engine = local_lm.live_engine(local_lm.MODEL_NAME)
+    before = engine.stats.generated_tokens
+    text = lm("Tell me a very long story about a river and its towns.", max_tokens=5)[0]
+    assert text and 0 < engine.stats.generated_tokens - before <= 5
 
 
 def test_run_eval_rows_match_the_claim_only_search_at_hop_0(setup):
