@@ -234,6 +234,7 @@ class LocalReinforceJob(ReinforceJob):
         if len(temperatures) != 1 or not next(iter(temperatures)) > 0:
             raise TutorialError(f"GRPO rows must share one sampling temperature > 0, got {sorted(temperatures)}")
         temperature = temperatures.pop()
+        rows = sorted(rows, key=lambda r: r.prompt_ids)  # rows sharing a prompt prefix side by side
         encoded = [(r.prompt_ids, r.completion_ids[:max_len]) for r in rows]
         masked = [r.nonblank for r in rows]
         blank = self.engine.blank_tokens() if any(masked) else None
@@ -245,9 +246,6 @@ class LocalReinforceJob(ReinforceJob):
         # Checkpointing recomputes activations (less memory) but drops the shared-prefix states; sharing is faster.
         checkpointing = bool(kw.get("gradient_checkpointing", False))
         logprobs = _completion_logprobs if checkpointing else shared_prefix_logprobs
-        order = sorted(range(len(rows)), key=lambda i: rows[i].prompt_ids)  # rows sharing a prompt prefix side by side
-        encoded, masked, old = [encoded[i] for i in order], [masked[i] for i in order], [old[i] for i in order]
-        advantages = advantages[order]
         with self.engine.lock, _checkpointing(model, checkpointing):
             model.train()
             for _ in range(iterations):
