@@ -111,9 +111,8 @@ def decode(model, tokenizer, prompts: list[list[int]], sampling, stops, cache=No
     eos = tokenizer.eos_token_id
     for step in range(sampling.max_tokens):
         scores = logits.float()
-        if step == 0 and any(nonblank[r] for r in active):
-            rows = torch.tensor([nonblank[r] for r in active])
-            scores = torch.where(rows[:, None] & blank_mask[None, : scores.shape[1]], float("-inf"), scores)
+        if step == 0 and any(nonblank[r] for r in active):  # the same mask the trainer applies (grpo_backend)
+            scores = mask_blank_first(scores[:, None], [0 if nonblank[r] else None for r in active], blank_mask)[:, 0]
         chosen, logps = _choose(scores, sampling, generator)
         done = []
         for i, row in enumerate(active):
