@@ -3,7 +3,7 @@
 Run: python benchmarks/warm_start.py [--dev 100] [--train 120] [--steps 40] [--batch 2] [--lr 2e-3] [--max-minutes 10]
 
 1. The teacher alone, BM25 only (no LM): recall and hidden-page recall of its hop-1 query on the dev claims.
-2. Baseline: ResearchHop(4, 2) greedy on the first ``--dev`` dev claims.
+2. Baseline: ResearchHop(4, 2) greedy on the first ``--dev`` dev claims (05's saved report if it covers them).
 3. SFT: LoRA on the live model, on the teacher's traces of ``--train`` train claims (every field call the
    GuidedChatAdapter makes, exact prompt ids), ``--steps`` steps of ``--batch`` calls, stopped at
    ``--max-minutes``.
@@ -49,7 +49,9 @@ def main():
     print(f"teacher alone (BM25, no LM) on {len(evalset)} dev claims: recall {teacher['recall %']:.1f}%, "
           f"hidden-page recall {teacher['hidden-page recall %']:.1f}%")
 
-    before = evaluation.run_eval(ResearchHop(4, 2, search), evalset, profile.eval_threads)
+    # 05's saved baseline when it covers the same claims (the untrained greedy run is deterministic)
+    before = evaluation.load_or_run(profile, "baseline_dev", ResearchHop(4, 2, search), evalset, profile.eval_threads,
+                                    "ResearchHop (untrained)")
     print(f"baseline dev recall ({len(evalset)} claims): {before.score:.1f}%, hidden-page recall "
           f"{before.hidden_score:.1f}%  [{before.seconds:.0f} s]", flush=True)
 

@@ -46,8 +46,25 @@ def start(name: str | None = None) -> Profile:
     configure_environment(profile)
     profile.cache_dir.mkdir(parents=True, exist_ok=True)
     where = "Colab" if "google.colab" in sys.modules else "local"
-    print(f"rl-multihop · profile {profile.name!r} ({profile.summary}) · {where} · cache {profile.cache_dir}")
+    print(f"rl-multihop · profile {profile.name!r} ({profile.summary}) · {where} · cache {display_path(profile.cache_dir)}")
     return profile
+
+
+def display_path(path) -> str:
+    """``path`` as printed in notebooks: relative to the working folder inside the checkout, ``~/...`` under home.
+
+    Stored outputs then show no machine-specific folder (a kernel starts in ``notebooks/``: ``../cache/mini``).
+    """
+    from pathlib import Path
+
+    from helpers.profiles import REPO_ROOT
+
+    path, here = Path(path).resolve(), Path.cwd().resolve()
+    if path.is_relative_to(REPO_ROOT) and here.is_relative_to(REPO_ROOT):
+        return os.path.relpath(path, here)
+    if path.is_relative_to(Path.home()):
+        return "~/" + str(path.relative_to(Path.home()))
+    return str(path)
 
 
 LIBRARIES = ("dspy", "litellm", "bm25s", "PyStemmer", "datasets", "transformers", "peft", "torch", "jax", "numba")

@@ -7,6 +7,8 @@ found at hop 0 and at later hops, and which module failed to parse, if any.
 
 import json
 import logging
+import math
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -48,11 +50,40 @@ class EvalReport:
         return 100 * float(self.per_claim["hidden"].dropna().mean())
 
 
+class Progress:
+    """One labelled line that grows as claims finish: ``label: 10 20 … 100 · 71.2 s``.
+
+    It prints at fixed counts (every tenth of the claims), whatever order the threads finish in, so a stored
+    notebook output stays comparable; it writes to the stream of the cell that started the evaluation.
+    """
+
+    def __init__(self, label: str, total: int, stream=None, parts: int = 10):
+        self.total, self.done = total, 0
+        self.marks = {math.ceil(total * k / parts) for k in range(1, parts + 1)}
+        self.stream = stream or sys.stdout
+        self._lock = threading.Lock()
+        self._write(f"{label}: ")
+
+    def tick(self) -> None:
+        with self._lock:
+            self.done += 1
+            if self.done in self.marks:
+                self._write(f"{self.done} ")
+
+    def close(self, seconds: float) -> None:
+        self._write(f"· {seconds:.1f} s\n")
+
+    def _write(self, text: str) -> None:
+        self.stream.write(text)
+        self.stream.flush()
+
+
 class _RecordFailures(dspy.Module):
     """Runs the program; remembers which predictor failed to parse for each claim, then re-raises."""
 
-    def __init__(self, program):
+    def __init__(self, program, progress: Progress | None = None):
         self.program = program
+        self.progress = progress
         self.failures = {}
         self._lock = threading.Lock()
 
@@ -63,6 +94,9 @@ class _RecordFailures(dspy.Module):
             with self._lock:
                 self.failures[claim] = _module_name(self.program, exc.signature)
             raise
+        finally:
+            if self.progress is not None:
+                self.progress.tick()
 
 
 def _module_name(program, signature):
@@ -72,9 +106,14 @@ def _module_name(program, signature):
     return "unknown"
 
 
-def run_eval(program, examples, threads: int, name: str = "ResearchHop", num_docs: int = 4) -> EvalReport:
-    """``dspy.Evaluate`` with recall over ``examples``; returns an EvalReport (05, 06)."""
-    wrapped = _RecordFailures(program)
+def run_eval(program, examples, threads: int, name: str = "ResearchHop", num_docs: int = 4,
+             progress: str | None = None) -> EvalReport:
+    """``dspy.Evaluate`` with recall over ``examples``; returns an EvalReport (05, 06).
+
+    ``progress``: a label such as ``"dev claims scored"``; then a line counts the finished claims (``Progress``).
+    """
+    shown = Progress(f"{name} · {progress}", len(examples)) if progress else None
+    wrapped = _RecordFailures(program, shown)
     evaluate = dspy.Evaluate(devset=examples, metric=recall, num_threads=threads, max_errors=len(examples) + 1,
                              display_progress=False, display_table=False, failure_score=0.0)
     start = time.perf_counter()
@@ -82,6 +121,8 @@ def run_eval(program, examples, threads: int, name: str = "ResearchHop", num_doc
     with loggers_quieted(logging.CRITICAL, "dspy.evaluate.evaluate"), stragglers_not_resubmitted():
         result = evaluate(wrapped)
     seconds = time.perf_counter() - start
+    if shown is not None:
+        shown.close(seconds)
     rows = []
     for example, prediction, score in result.results:
         docs = prediction.get("retrieved_docs") or []
@@ -156,12 +197,13 @@ def load_report(profile: Profile, key: str) -> EvalReport | None:
     return EvalReport(payload["system"], payload["score"], pd.DataFrame(payload["per_claim"]), payload["seconds"])
 
 
-def load_or_run(profile: Profile, key: str, program, examples, threads: int, name: str) -> EvalReport:
+def load_or_run(profile: Profile, key: str, program, examples, threads: int, name: str,
+                progress: str | None = None) -> EvalReport:
     """The report saved under ``key`` if it covers the same claims, else run and save it (06 reuses 05's)."""
     saved = load_report(profile, key)
     if saved is not None and list(saved.per_claim["claim"]) == [ex.claim for ex in examples]:
         return saved
-    report = run_eval(program, examples, threads=threads, name=name)
+    report = run_eval(program, examples, threads=threads, name=name, progress=progress)
     save_report(profile, key, report)
     return report
 

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from helpers import bootstrap, profiles
@@ -57,3 +59,14 @@ def test_arbor_url_comes_from_an_env_var(monkeypatch):
     assert profiles.get_profile("full").lm.api_base == "http://gpu-box:9000/v1/"
     monkeypatch.delenv(profiles.ARBOR_URL_ENV)
     assert profiles.get_profile("full").lm.api_base == "http://localhost:7453/v1/"
+
+
+def test_banner_shows_the_cache_relative_to_the_notebook_folder(monkeypatch, tmp_path, capsys):
+    # Stored notebook outputs must not carry this machine's paths: a cache inside the checkout is shown relative
+    # to where the kernel runs (notebooks/), one elsewhere under the home folder as ~/...
+    monkeypatch.delenv("RLMH_CACHE_DIR", raising=False)
+    monkeypatch.chdir(profiles.REPO_ROOT / "notebooks")
+    bootstrap.start("mini")
+    assert capsys.readouterr().out.rstrip().endswith("· cache ../cache/mini")
+    assert bootstrap.display_path(Path.home() / "x" / "cache") == "~/x/cache"
+    assert bootstrap.display_path(Path("/opt/elsewhere")) == "/opt/elsewhere"

@@ -1,5 +1,9 @@
 """ResearchHop with the real embedded model: the guided adapter, evaluation rows, the walkthrough."""
 
+import concurrent.futures
+import io
+import re
+
 import dspy
 import pytest
 
@@ -57,12 +61,23 @@ def test_run_eval_rows_match_the_claim_only_search_at_hop_0(setup):
     assert (rows["recall"] >= top4.per_claim["recall"] - 1e-9)[ok].all()  # hop 1 only adds pages
 
 
-def test_parse_failures_score_zero_and_name_the_module(setup):
+def test_parse_failures_score_zero_and_name_the_module(setup, capsys):
     lm, search, dev = setup
     program = ResearchHop(num_docs=4, num_hops=2, search=search)
     with dspy.context(lm=lm.copy(max_tokens=8), adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
-        report = evaluation.run_eval(program, dev[:3], threads=3)
+        report = evaluation.run_eval(program, dev[:3], threads=3, progress="dev claims scored")
     assert (report.per_claim["failed_module"] == "append_notes").all() and report.score == 0.0
+    # failed claims count as finished too: the progress line reaches 3 of 3
+    assert re.fullmatch(r"ResearchHop · dev claims scored: 1 2 3 · \d+\.\d s\n", capsys.readouterr().out)
+
+
+def test_progress_prints_fixed_counts_whatever_order_threads_finish_in():
+    stream = io.StringIO()
+    shown = evaluation.Progress("scored", 25, stream=stream)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: shown.tick(), range(25)))
+    shown.close(1.5)
+    assert stream.getvalue() == "scored: 3 5 8 10 13 15 18 20 23 25 · 1.5 s\n"
 
 
 def test_walkthrough_lists_both_hops(setup):
