@@ -15,6 +15,7 @@ seed warm start -> GRPO, so what RL itself added is its own line.
 """
 
 import argparse
+import dataclasses
 import resource
 import time
 
@@ -33,6 +34,9 @@ def main():
     parser.add_argument("--warm-start", action="store_true", help="LoRA SFT on the scripted teacher before GRPO")
     parser.add_argument("--warm-train", type=int, default=120, help="train claims whose teacher traces are the SFT data")
     parser.add_argument("--warm-minutes", type=float, default=10.0, help="SFT stops after this long")
+    parser.add_argument("--temperature", type=float, default=None, help="rollout temperature (default: the preset's)")
+    parser.add_argument("--claims-per-step", type=int, default=None, help="claims per GRPO step (default: the preset's)")
+    parser.add_argument("--lr", type=float, default=None, help="GRPO learning rate (default: the preset's)")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.steps = args.seeds[:1], 1
@@ -53,6 +57,14 @@ def main():
     eval_lm = lm_setup.make_lm(profile, temperature=profile.eval_temperature, cache=False)
     dspy.configure(lm=eval_lm, adapter=adapter)
     preset = grpo_presets.get_preset("mini")
+    preset = dataclasses.replace(
+        preset, rollout_temperature=args.temperature or preset.rollout_temperature,
+        compile_kwargs={**preset.compile_kwargs, "num_dspy_examples_per_grpo_step":
+                        args.claims_per_step or preset.compile_kwargs["num_dspy_examples_per_grpo_step"]},
+        train_kwargs={**preset.train_kwargs, "learning_rate": args.lr or preset.train_kwargs["learning_rate"]})
+    print(f"GRPO: rollout temperature {preset.rollout_temperature}, "
+          f"{preset.compile_kwargs['num_dspy_examples_per_grpo_step']} claims x "
+          f"{preset.compile_kwargs['num_rollouts_per_grpo_step']} rollouts a step, lr {preset.train_kwargs['learning_rate']:g}")
     steps = args.steps or (16 if args.long else preset.compile_kwargs["num_train_steps"])
     reward = grpo_training.training_reward(preset, search)
     engine = lm_setup.embedded_engine(profile)
@@ -112,14 +124,12 @@ def _warm_start(args, profile, search, trainset, selection, evalset, adapter, en
     from helpers import evaluation, warm_start
     from helpers.research_hop import ResearchHop
 
-    rows = warm_start.teacher_traces(ResearchHop(4, 2, search), trainset[: args.warm_train], search, adapter=adapter)
-    log = warm_start.sft(engine, rows, steps=40, lr=2e-3, batch=2, seed=0, max_seconds=60 * args.warm_minutes,
-                         log_every=10)
-    warm_start.merge_into_base(engine)
+    settings = warm_start.Settings(train_claims=args.warm_train, max_minutes=args.warm_minutes)
+    log = warm_start.run(ResearchHop(4, 2, search), trainset, search, adapter, settings, log_every=10)
     warm = evaluation.run_eval(ResearchHop(4, 2, search), evalset, profile.eval_threads, name="warm start")
     change, low, high = evaluation.gain(baseline, warm)
     select = evaluation.run_eval(ResearchHop(4, 2, search), selection, profile.eval_threads).score
-    print(f"warm start (behaviour cloning, {len(rows)} rows, {log.steps} SFT steps in {log.seconds / 60:.1f} min): dev "
+    print(f"warm start (behaviour cloning, {log.rows} rows, {log.steps} SFT steps in {log.seconds / 60:.1f} min): dev "
           f"recall {baseline.score:.1f}% -> {warm.score:.1f}% ({change:+.1f} points, 95% CI {low:+.1f} to {high:+.1f}), "
           f"hidden-page recall {baseline.hidden_score:.1f}% -> {warm.hidden_score:.1f}%; selection {select:.1f}%; "
           f"the GRPO lines below start from the warm start", flush=True)

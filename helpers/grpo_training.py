@@ -153,32 +153,54 @@ def data_check(job) -> pd.DataFrame:
     return pd.DataFrame(rows, index=pd.Index(range(1, len(rows) + 1), name="step"))
 
 
-def verdict(before, after, job) -> str:
-    """What one run says, in words: the gain with its CI, which checkpoint won, what to try next (06 ends with it)."""
+def verdict(before, after, job, warm=None) -> str:
+    """What one run says, in words: the gain with its CI, which checkpoint won, what to try next (06 ends with it).
+
+    ``warm``: the warm start's report, when GRPO started from one; then the supervised stage and what GRPO itself
+    added are separate lines, so RL is not credited with what behaviour cloning did.
+    """
     from helpers import evaluation
 
-    change, low, high = evaluation.gain(before, after)
-    found = [s.hidden_found for s in job.history if s.hidden_found is not None]
-    lines = [f"Dev recall {before.score:.1f}% -> {after.score:.1f}%: {change:+.1f} points, 95% CI {low:+.1f} to {high:+.1f} "
-             f"({len(after.per_claim)} claims)."]
+    def change_line(what, a, b):
+        change, low, high = evaluation.gain(a, b)
+        return (f"{what}: dev recall {a.score:.1f}% -> {b.score:.1f}%, {change:+.1f} points (95% CI {low:+.1f} to "
+                f"{high:+.1f}, {len(b.per_claim)} claims); hidden-page recall {a.hidden_score:.1f}% -> {b.hidden_score:.1f}%."), low, high
+
+    lines = []
+    if warm is not None:
+        lines.append(change_line("Warm start (behaviour cloning, not RL)", before, warm)[0])
+    start = warm if warm is not None else before
+    line, low, high = change_line("GRPO on top of the warm start" if warm is not None else "GRPO", start, after)
+    lines.append(line)
     if job.best_checkpoint in (None, "step-0000"):
-        lines.append("The untrained adapter scored best on the held-back claims, so the program you evaluated is the "
-                     "original model: this run's updates did not help.")
-    if low > 0:
-        lines.append("The interval is above zero: this run improved the program.")
+        model = "the warm-started model" if warm is not None else "the original model"
+        lines.append(f"No GRPO checkpoint beat step 0 on the held-back claims, so the program evaluated after GRPO is "
+                     f"{model}: this run's updates did not help.")
+    elif low > 0:
+        lines.append("The interval is above zero: GRPO improved the program in this run.")
     elif high < 0:
-        lines.append("The interval is below zero: this run made the program worse.")
+        lines.append("The interval is below zero: GRPO made the program worse in this run.")
     else:
-        lines.append("The interval includes zero: this run cannot tell an improvement from noise.")
+        lines.append("The interval includes zero: this run cannot tell GRPO's change from noise.")
+    found = [s.hidden_found for s in job.history if s.hidden_found is not None]
     if found and max(found) == 0:
-        lines.append(f"Hidden-page recall {before.hidden_score:.1f}% -> {after.hidden_score:.1f}%: no rollout ever found a gold "
-                     "page the claim does not name, so the multi-hop skill itself was not reinforced; any gain is on pages "
-                     "the claim names. A warm start (a model that can write a query naming one) comes first.")
+        lines.append("No rollout ever found a gold page the claim does not name, so the multi-hop skill itself was "
+                     "not reinforced" + ("." if warm is not None else
+                                         ": a warm start (a model that can write a query naming one) comes first."))
+    elif found:
+        lines.append(f"Rollouts found a page the claim does not name for up to {100 * max(found):.0f}% of a step's "
+                     "claims: that is what the reward can reinforce; more steps and claims per step give it more chances.")
+    if warm is not None:
+        lines.append(change_line("Both stages", before, after)[0])
     return "\n".join(lines)
 
 
-def save_trained(profile: Profile, program, job, name: str = "researchhop_grpo") -> Path:
-    """Save ``program.save(...)`` JSON and the best checkpoint's adapter side by side in ``<cache>/trained/<name>``."""
+def save_trained(profile: Profile, program, job, name: str = "researchhop_grpo", warm_start=None) -> Path:
+    """Save ``program.save(...)`` JSON and the best checkpoint's adapter side by side in ``<cache>/trained/<name>``.
+
+    ``warm_start``: the folder ``warm_start.run(save_to=...)`` wrote, when GRPO started from a warm start; it is
+    copied beside the adapter, because the GRPO adapter only means something on top of those weights.
+    """
     target = profile.cache_dir / "trained" / name
     best = job.best_checkpoint or job.last_checkpoint
     if best is None:
@@ -186,18 +208,29 @@ def save_trained(profile: Profile, program, job, name: str = "researchhop_grpo")
     with atomic.atomic_dir(target) as tmp:
         program.save(str(tmp / "program.json"))
         shutil.copytree(job.checkpoints[best]["path"], tmp / "adapter")
-        (tmp / "trained.json").write_text(json.dumps({"checkpoint": best, "job": job.job_id}))
+        if warm_start is not None:
+            shutil.copytree(warm_start, tmp / "warm_start")
+        (tmp / "trained.json").write_text(json.dumps({"checkpoint": best, "job": job.job_id,
+                                                      "warm_start": warm_start is not None}))
     return target
 
 
 def load_trained(profile: Profile, fresh_program, name: str = "researchhop_grpo", adapter_name: str = "reloaded"):
-    """Load the saved adapter into the live engine (as ``adapter_name``) and the saved program into ``fresh_program``."""
+    """Load the saved adapter into the live engine (as ``adapter_name``) and the saved program into ``fresh_program``.
+
+    If the run started from a warm start, its adapter is merged into the engine's weights first (once: an engine
+    that already carries it, as in the notebook that trained it, is left as it is).
+    """
+    from helpers import warm_start
+
     folder = profile.cache_dir / "trained" / name
     if not (folder / "program.json").exists():
         raise TutorialError(f"no trained program in {folder}: run 06_grpo_training first")
     engine = local_lm.live_engine(local_lm.MODEL_NAME)
     if engine is None:
         raise TutorialError("load_trained needs the embedded LM: build it with lm_setup.make_lm(profile) first")
+    if (folder / "warm_start").exists():
+        warm_start.apply_saved(engine, folder / "warm_start")
     activate_adapter(engine, folder / "adapter", adapter_name)
     # the saved LM names our engine class (helpers.local_lm.BatchingEngine); DSPy asks before importing it
     fresh_program.load(str(folder / "program.json"), allow_pickle=False, allow_unsafe_lm_state=True)

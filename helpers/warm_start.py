@@ -336,21 +336,23 @@ def sft(engine, rows: list[SFTRow], steps: int, lr: float = 1e-3, batch: int = 4
     return log
 
 
-def save_adapter(engine, path, adapter_name: str = ADAPTER_NAME) -> Path:
+def save_adapter(engine, path, adapter_name: str = ADAPTER_NAME, label: str = ADAPTER_NAME) -> Path:
     """Write the adapter to ``path`` atomically (reload with ``grpo_training.activate_adapter(engine, path, name)``)."""
     path = Path(path)
     with engine.lock, atomic.atomic_dir(path) as tmp, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Could not find a config file")
         engine.peft_model.save_pretrained(tmp, selected_adapters=[adapter_name])
-        (tmp / "warm_start.json").write_text(json.dumps({"adapter": adapter_name, "kind": "behaviour cloning (SFT)"}))
+        (tmp / "warm_start.json").write_text(json.dumps({"adapter": adapter_name, "label": label,
+                                                            "kind": "behaviour cloning (SFT)"}))
     return path
 
 
-def merge_into_base(engine) -> None:
+def merge_into_base(engine, label: str = ADAPTER_NAME) -> None:
     """Bake the active LoRA adapter into the engine's base weights and drop the peft wrapper.
 
     GRPO's job then adds its own fresh adapter on top of the warm-started weights (peft activates one adapter
-    at a time, so a second adapter would otherwise switch the warm start off). Not reversible in place.
+    at a time, so a second adapter would otherwise switch the warm start off). Not reversible in place:
+    ``engine.merged`` records ``label`` so that ``grpo_training.load_trained`` does not merge it twice.
     """
     peft_model = getattr(engine, "peft_model", None)
     if peft_model is None:
@@ -359,4 +361,60 @@ def merge_into_base(engine) -> None:
         engine.model = peft_model.merge_and_unload()
         engine.model.eval()
         engine.peft_model = None
+        engine.merged = label
     engine.weights_changed()
+
+
+def apply_saved(engine, folder) -> None:
+    """Merge a warm start saved by ``save_adapter`` into the engine's weights, once (``grpo_training.load_trained``).
+
+    An engine that already carries it (the kernel that trained it) is left as it is; one that carries another
+    warm start cannot take this one (merged weights cannot be unmerged) and says so.
+    """
+    from helpers.errors import TutorialError
+    from helpers.grpo_backend import remove_lora
+    from helpers.grpo_training import activate_adapter
+
+    label = json.loads((Path(folder) / "warm_start.json").read_text())["label"]
+    merged = getattr(engine, "merged", None)
+    if merged == label:
+        return
+    if merged is not None:
+        raise TutorialError(f"this kernel's LM already carries another warm start ({merged}): restart the kernel "
+                            f"to load {folder}")
+    remove_lora(engine)  # LoRA layers of this kernel's earlier runs, if any
+    activate_adapter(engine, folder, ADAPTER_NAME)
+    merge_into_base(engine, label)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The warm start 06 and ``grpo_mini.py --warm-start`` run (measured in benchmarks/RESULTS.md)."""
+    train_claims: int = 120  # the first train claims; the teacher's traces of them are the SFT rows
+    steps: int = 40  # AdamW steps of ``batch`` predictor calls
+    batch: int = 2
+    lr: float = 2e-3
+    seed: int = 0
+    max_minutes: float = 10.0  # SFT stops after this long, whatever ``steps`` says
+
+    @property
+    def label(self) -> str:
+        return f"warm-start {self.train_claims} claims, {self.steps} steps x {self.batch}, lr {self.lr:g}, seed {self.seed}"
+
+
+def run(program, trainset, search, adapter, settings: Settings = Settings(), save_to=None, log_every: int = 0) -> SFTLog:
+    """The whole warm-start stage on the live engine: teacher traces -> LoRA SFT -> (saved to ``save_to``) -> merged.
+
+    ``program`` is a ResearchHop (its signatures, ``num_docs`` and ``num_hops`` shape the rows). Afterwards the
+    engine generates with the warm-started weights, so every program on it starts from there.
+    """
+    engine = local_lm.live_engine(local_lm.MODEL_NAME)
+    if engine is None:
+        raise RuntimeError("the warm start trains the embedded LM: build it with lm_setup.make_lm(profile) first")
+    rows = teacher_traces(program, trainset[: settings.train_claims], search, engine.tokenizer, adapter)
+    log = sft(engine, rows, settings.steps, lr=settings.lr, batch=settings.batch, seed=settings.seed,
+              max_seconds=60 * settings.max_minutes, log_every=log_every)
+    if save_to is not None:
+        save_adapter(engine, save_to, label=settings.label)
+    merge_into_base(engine, settings.label)
+    return log

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from helpers import decoding, grpo_backend, hover, lm_setup, local_lm, metrics, retrieval, warm_start
+from helpers.errors import TutorialError
 from helpers.guided_adapter import GuidedChatAdapter
 from helpers.research_hop import ResearchHop
 
@@ -116,3 +117,37 @@ def test_one_sft_step_lowers_the_nll_and_clears_the_prefix_cache(setup):
         assert warm_start.ADAPTER_NAME in engine.peft_model.peft_config
     finally:
         grpo_backend.remove_lora(engine)
+
+
+def test_a_saved_warm_start_is_merged_once_and_keeps_what_it_learned(setup, tmp_path):
+    lm, engine, search, train, _ = setup
+    rows = [r for r in warm_start.teacher_traces(ResearchHop(4, 2, search), train[2:3], search)
+            if r.predictor == "generate_query"]
+    original = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    untrained = warm_start.nll(engine, rows)
+    try:
+        warm_start.sft(engine, rows, steps=2, lr=5e-3, batch=1)
+        learned = warm_start.nll(engine, rows)
+        assert learned < untrained - 0.05
+        warm_start.save_adapter(engine, tmp_path / "warm", label="test warm start")
+        warm_start.merge_into_base(engine, "test warm start")
+        assert engine.peft_model is None and engine.merged == "test warm start"
+        assert warm_start.nll(engine, rows) == pytest.approx(learned, abs=1e-3)
+        warm_start.apply_saved(engine, tmp_path / "warm")  # already carried: nothing happens
+        assert warm_start.nll(engine, rows) == pytest.approx(learned, abs=1e-3)
+        engine.model.load_state_dict(original)  # as in a fresh kernel: the original weights
+        engine.merged = None
+        engine.weights_changed()
+        assert warm_start.nll(engine, rows) == pytest.approx(untrained, abs=1e-4)
+        warm_start.apply_saved(engine, tmp_path / "warm")
+        assert engine.merged == "test warm start" and engine.peft_model is None
+        assert warm_start.nll(engine, rows) == pytest.approx(learned, abs=1e-3)
+        engine.merged = "another warm start"
+        with pytest.raises(TutorialError, match="restart the kernel"):
+            warm_start.apply_saved(engine, tmp_path / "warm")
+    finally:
+        grpo_backend.remove_lora(engine)
+        engine.model.load_state_dict(original)
+        engine.merged = None
+        engine.weights_changed()
+    assert warm_start.nll(engine, rows) == pytest.approx(untrained, abs=1e-4)
