@@ -240,7 +240,6 @@ class LocalReinforceJob(ReinforceJob):
         blank = self.engine.blank_tokens() if any(masked) else None
         old = [torch.tensor(r.old_logprobs[:max_len]) for r in rows]
         advantages = torch.tensor([r.advantage for r in rows], dtype=torch.float32)
-        bf16 = local_lm.sampling_dtype() != torch.float32 and kw.get("bf16", True)
         steps = _optimizer_steps(len(rows), micro, per_step)
         losses, norm = [], 0.0
         # Checkpointing recomputes activations (less memory) but drops the shared-prefix states; sharing is faster.
@@ -255,12 +254,12 @@ class LocalReinforceJob(ReinforceJob):
                     for chunk in step_chunks:
                         batch = [encoded[i] for i in chunk]
                         first = [masked[i] for i in chunk]
-                        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                            logps, masks = logprobs(model, tok, batch, temperature, first, blank)
-                            ref = None
-                            if beta > 0:
-                                with torch.no_grad(), model.disable_adapter():
-                                    ref, _ = logprobs(model, tok, batch, temperature, first, blank)
+                        # fp32 like the rollouts (see local_lm.load_model): the ratio is 1 at the sampling weights
+                        logps, masks = logprobs(model, tok, batch, temperature, first, blank)
+                        ref = None
+                        if beta > 0:
+                            with torch.no_grad(), model.disable_adapter():
+                                ref, _ = logprobs(model, tok, batch, temperature, first, blank)
                         old_logps = torch.zeros_like(logps)
                         for row, i in enumerate(chunk):
                             old_logps[row, : len(old[i])] = old[i]

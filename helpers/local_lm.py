@@ -40,19 +40,6 @@ def gguf_folder() -> Path:
     return folder
 
 
-def sampling_dtype():
-    """fp32, on every CPU: the dtype sampled generations (GRPO rollouts) and the GRPO update compute in.
-
-    bf16 autocast where the CPU has AVX512-BF16/AMX was tried: on such a Xeon the trainer's log-probs of the
-    sampled tokens, at the very weights that sampled them, differed from the rollout's by up to ~11 % (PPO ratio
-    0.89-1.03 instead of 1), so the clipped ratio acted on rounding noise, and the tests gave different answers
-    on the two CPU kinds CI may run on. What bf16 saved in time was never measured on one machine; on-policy first.
-    """
-    import torch
-
-    return torch.float32
-
-
 @dataclass
 class LoadInfo:
     source: str  # "gguf" (first load, converted) or "cache" (safetensors copy)
@@ -65,7 +52,10 @@ def load_model(cache_dir: Path, dtype=None):
 
     The weights stay in fp32 by default: greedy decoding in fp32 gave identical text whatever the
     batch composition, bf16 did not (13-15 of 16 prompts), and evaluation must be reproducible.
-    Sampled generations (GRPO rollouts) are fp32 too (``sampling_dtype``).
+    Sampled generations (GRPO rollouts) and the GRPO update are fp32 too: bf16 autocast on a Xeon with
+    AVX512-BF16/AMX made the trainer's log-probs of the sampled tokens, at the very weights that sampled them,
+    differ from the rollout's by up to ~11 % (PPO ratio 0.89-1.03 instead of 1), and the tests gave different
+    answers on the two CPU kinds CI may run on. What bf16 saved in time was never measured on one machine.
     """
     bootstrap.configure_threads()
     import torch
@@ -254,8 +244,7 @@ class BatchingEngine:
         options = options or [CallOptions()] * len(conversations)
         prompts = [prompt_ids(tok, m) for m in conversations]
         start = time.perf_counter()
-        with self.lock, torch.inference_mode(), torch.autocast("cpu", dtype=sampling_dtype(),
-                                                               enabled=not sampling.greedy and sampling_dtype() != torch.float32):
+        with self.lock, torch.inference_mode():
             blank = self.blank_tokens() if any(o.nonblank for o in options) else None
             rows = decoding.decode(self.model, tok, prompts, sampling, stops, self.prefix_cache, self.generator,
                                    [o.nonblank for o in options], blank)
