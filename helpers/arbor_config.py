@@ -57,7 +57,8 @@ def read(path) -> dict:
     for key in config:
         if key in KNOWN or key in sections:
             continue
-        close = difflib.get_close_matches(str(key), sorted(KNOWN), n=1, cutoff=0.6)
-        hint = f"did you mean `{close[0]}`?" if close else f"valid keys: {', '.join(sorted(KNOWN))}"
+        valid = sorted(KNOWN | sections)
+        close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
+        hint = f"did you mean `{close[0]}`?" if close else f"valid keys: {', '.join(valid)}"
         warnings.warn(f"{path}: current Arbor ignores the unknown key `{key}`; {hint}", stacklevel=2)
     return config

@@ -54,15 +54,8 @@ def clean_stale(target: Path) -> None:
         if not match:
             continue
         pid = match.group(1) or match.group(2)
-        if pid is not None:
-            if _pid_alive(int(pid)):
-                continue
-        else:
-            try:
-                if time.time() - path.lstat().st_mtime < LEGACY_TEMP_AGE:
-                    continue
-            except OSError:
-                continue
+        if _pid_alive(int(pid)) if pid is not None else not _older_than(path, LEGACY_TEMP_AGE):
+            continue
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
         else:
@@ -71,6 +64,7 @@ def clean_stale(target: Path) -> None:
 
 
 _ANY_TEMP = re.compile(r"\..+\.(?:(\d+)\.[a-z0-9_]{8}(?:\..+)?\.tmp|old-(\d+))")
+_LEGACY_TEMP = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # written by older versions, without the writer's pid
 
 
 def clean_folder(folder: Path) -> None:
@@ -81,12 +75,23 @@ def clean_folder(folder: Path) -> None:
         return
     for path in entries:
         match = _ANY_TEMP.fullmatch(path.name)
-        if match and not _pid_alive(int(match.group(1) or match.group(2))):
+        if match:
+            stale = not _pid_alive(int(match.group(1) or match.group(2)))
+        else:
+            stale = bool(_LEGACY_TEMP.fullmatch(path.name)) and _older_than(path, LEGACY_TEMP_AGE)
+        if stale:
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 with contextlib.suppress(OSError):
                     path.unlink()
+
+
+def _older_than(path: Path, seconds: float) -> bool:
+    try:
+        return time.time() - path.lstat().st_mtime >= seconds
+    except OSError:
+        return False
 
 
 def _prefix(target: Path) -> str:

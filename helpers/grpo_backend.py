@@ -1,7 +1,7 @@
 """GRPO on CPU for the embedded model: a DSPy Provider whose ReinforceJob trains LoRA adapters (06_grpo_training).
 
-Arbor needs NVIDIA GPUs. ``LocalGRPOProvider`` gives ``dspy.teleprompt.grpo.GRPO`` (or Arbor's
-``ArborGRPO`` compile loop) the same job interface Arbor does -- ``initialize``, ``get_status``,
+Arbor needs NVIDIA GPUs. ``LocalGRPOProvider`` gives ``dspy.teleprompt.grpo.GRPO`` the same job interface
+Arbor does -- ``initialize``, ``get_status``,
 ``step``, ``save_checkpoint``, ``terminate`` -- but trains the in-process SmolLM2 weights. The LoRA
 layers are injected into the very model the engine generates with, so the next rollout already
 uses the updated weights; the engine's lock keeps generation and training apart.
@@ -114,7 +114,7 @@ class LocalReinforceJob(ReinforceJob):
         if self.checkpoint_dir:  # one folder per job (its id is new each run); killed saves of earlier jobs leave nothing
             for folder in [Path(self.checkpoint_dir), *Path(self.checkpoint_dir).glob("grpo-*")]:
                 atomic.clean_folder(folder)
-            log.info("GRPO job %s: checkpoints in %s", self.job_id, self.job_folder)
+            print(f"GRPO job {self.job_id}: checkpoints in {self.job_folder}", flush=True)
             self.save_checkpoint("step-0000", score=kw.get("initial_score"), metadata={"step": 0})
         self.data.start()
         self._last_end = time.perf_counter()

@@ -30,7 +30,8 @@ def check_hub_reachable(timeout: float = 5.0) -> None:
         return  # it answered (401 without a token): reachable
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise TutorialError(f"the Hugging Face hub at {endpoint} is unreachable ({getattr(exc, 'reason', exc)}): "
-                            "check your network (or HF_ENDPOINT), or use the offline profile RLMH_PROFILE=mini") from None
+                            "check your network (or HF_ENDPOINT); if HoVer is already in the cache, set HF_HUB_OFFLINE=1; "
+                            "or use the offline profile RLMH_PROFILE=mini") from None
 
 
 def load_raw(profile: Profile, split: str = "train") -> list[dspy.Example]:

@@ -38,7 +38,7 @@ def check_reachable(api_base: str, what: str, timeout: float = 3.0, setting: str
     """
     hint = f" (set {setting})" if setting else ""
     if not api_base.endswith("/v1/"):
-        raise TutorialError(f"{what} api_base {api_base!r} must end in /v1/")
+        raise TutorialError(f"{what} api_base {api_base!r} must end in /v1/{hint}")
     try:
         urllib.request.urlopen(api_base + "models", timeout=timeout).close()
     except urllib.error.HTTPError:
@@ -90,7 +90,7 @@ def make_lm(profile: Profile, trainable: bool = False, **overrides) -> dspy.LM:
     ``trainable=True`` (06) attaches the provider GRPO trains through: Arbor's in the full profile,
     ``grpo_backend.LocalGRPOProvider`` (LoRA on CPU) for the embedded model.
     """
-    choice = (os.environ.get(LM_ENV) or profile.lm.kind).strip().lower()
+    choice = (os.environ.get(LM_ENV) or "").strip().lower() or profile.lm.kind  # blank counts as unset
     if choice == "openai":
         if trainable:
             raise TutorialError("RLMH_LM=openai is for evaluation only: GRPO needs the embedded LM or Arbor")

@@ -40,10 +40,11 @@ def test_yaml_error_keeps_line_and_column(tmp_path):
 
 def test_misspelled_key_warns_with_the_closest_valid_one(tmp_path):
     path = tmp_path / "arbor.yaml"
-    path.write_text("storge_path: ~/.arbor\ninactivity_timeout: 30\nfoo: 1\n")
+    path.write_text("storge_path: ~/.arbor\ninactivity_timeout: 30\nfoo: 1\ntrainning:\n  gpu_ids: [1]\n")
     with pytest.warns(UserWarning) as caught:
         config = arbor_config.read(path)
     messages = [str(w.message) for w in caught]
     assert any("`storge_path`" in m and "did you mean `storage_path`" in m for m in messages), messages
-    assert any("`foo`" in m and "inactivity_timeout, storage_path" in m for m in messages), messages
+    assert any("`foo`" in m and "inactivity_timeout, inference, storage_path, training" in m for m in messages), messages
+    assert any("`trainning`" in m and "did you mean `training`" in m for m in messages), messages  # sections too
     assert config["storge_path"] == "~/.arbor"  # still returned as written

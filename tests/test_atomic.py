@@ -70,3 +70,15 @@ def test_clean_folder_removes_only_dead_writers_temps(tmp_path):
     (tmp_path / "step-0002").mkdir()
     atomic.clean_folder(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "step-0002"]
+
+
+def test_clean_folder_removes_old_temps_of_earlier_versions(tmp_path):
+    """Temps written before names carried the writer's pid: removed once a day old, left alone while recent."""
+    old, recent = tmp_path / ".step-0003.abcd1234.tmp", tmp_path / ".step-0004.efgh5678.tmp"
+    for folder in (old, recent):
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_bytes(b"half")
+    day_ago = old.stat().st_mtime - atomic.LEGACY_TEMP_AGE - 60
+    os.utime(old, (day_ago, day_ago))
+    atomic.clean_folder(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [recent.name]

@@ -149,6 +149,16 @@ def test_unpinned_download_is_checked_and_its_sha_recorded(archive_server, tmp_p
     assert f"recorded sha256 {ARCHIVE_SHA[:16]}" in capsys.readouterr().out
 
 
+def test_unpinned_file_changed_since_its_sha_was_recorded_is_fetched_again(archive_server, tmp_path):
+    path = _unpinned(archive_server, tmp_path)
+    damaged = bytearray(ARCHIVE)
+    damaged[len(damaged) // 2] ^= 0x01  # same size, new mtime: only the recorded sha can tell
+    path.write_bytes(bytes(damaged))
+    requests = len(archive_server.requests)
+    assert _unpinned(archive_server, tmp_path).read_bytes() == ARCHIVE and len(archive_server.requests) > requests
+    assert (tmp_path / "wiki.tar.gz.corrupt").read_bytes() == bytes(damaged)
+
+
 @pytest.mark.parametrize("how", ["content-type", "sniffed"])
 def test_unpinned_html_page_is_refused(archive_server, tmp_path, how):
     archive_server.files["/a/wiki.tar.gz"] = b"<!DOCTYPE html>\n<html><body>Sign in to continue</body></html>\n"

@@ -207,13 +207,14 @@ def test_interrupted_checkpoint_leaves_the_last_good_one(trainable, monkeypatch)
     assert not [p for p in (tmp_path / job.job_id).iterdir() if p.name.startswith(".")]
 
 
-def test_a_new_job_removes_killed_saves_and_writes_its_own_folder(trainable):
+def test_a_new_job_removes_killed_saves_and_writes_its_own_folder(trainable, capsys):
     lm, _, tmp_path = trainable
     dead = tmp_path / "grpo-old" / ".step-0003.999999.abcd1234.tmp"  # a save killed in an earlier run (no such pid)
     dead.mkdir(parents=True)
     (dead / "adapter_model.safetensors").write_bytes(b"half")
     job = _job(lm, tmp_path)
     assert not dead.exists() and job.job_folder == tmp_path / job.job_id and (job.job_folder / "step-0000").is_dir()
+    assert f"GRPO job {job.job_id}: checkpoints in {job.job_folder}" in capsys.readouterr().out  # the run says where
 
 
 def test_best_checkpoint_is_restored_on_terminate(trainable):

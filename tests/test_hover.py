@@ -84,4 +84,13 @@ def test_unreachable_hub_is_named_in_one_line_without_retrying(mini_profile, tmp
     with pytest.raises(TutorialError, match=r"Hugging Face hub at http://127\.0\.0\.1:\d+ is unreachable") as err:
         hover.load_raw(profiles.get_profile("full"))
     assert time.perf_counter() - start < 10 and "\n" not in str(err.value)
-    assert "hover_dataset" not in str(err.value)
+    assert "hover_dataset" not in str(err.value) and "HF_HUB_OFFLINE=1" in str(err.value)
+
+
+def test_offline_without_the_data_in_the_cache_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv(profiles.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # never asked: offline mode skips the hub check
+    with pytest.raises(TutorialError, match=r"HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set and it is not in the cache") as err:
+        hover.load_raw(profiles.get_profile("full"))
+    assert "\n" not in str(err.value)

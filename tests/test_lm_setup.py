@@ -90,6 +90,20 @@ def test_lm_choice_is_trimmed_and_lower_cased(monkeypatch):
         lm_setup.make_lm(profiles.get_profile("full"))
 
 
+def test_blank_lm_choice_means_the_profiles_own(monkeypatch):
+    monkeypatch.setenv(lm_setup.LM_ENV, "  ")
+    monkeypatch.setenv(profiles.ARBOR_URL_ENV, f"http://127.0.0.1:{_closed_port()}/v1/")
+    with pytest.raises(TutorialError, match="the Arbor server .* is unreachable"):  # full's own: arbor
+        lm_setup.make_lm(profiles.get_profile("full"))
+
+
+def test_an_arbor_url_without_v1_names_the_variable(monkeypatch):
+    monkeypatch.delenv(lm_setup.LM_ENV, raising=False)
+    monkeypatch.setenv(profiles.ARBOR_URL_ENV, "http://127.0.0.1:1/")
+    with pytest.raises(TutorialError, match=f"must end in /v1/ \\(set {profiles.ARBOR_URL_ENV}\\)"):
+        lm_setup.make_lm(profiles.get_profile("full"))
+
+
 def test_unreachable_arbor_names_the_url_variable(monkeypatch):
     monkeypatch.delenv(lm_setup.LM_ENV, raising=False)
     monkeypatch.setenv(profiles.ARBOR_URL_ENV, f"http://127.0.0.1:{_closed_port()}/v1/")
