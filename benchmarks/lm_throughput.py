@@ -7,6 +7,10 @@ Then the workload itself, in one process, before vs after prefix reuse (``genera
 as it was: one ``model.generate`` per batch, every prompt prefilled in full): a greedy ResearchHop
 evaluation of ``--claims`` dev claims (same results required) and one GRPO step's rollouts (claims x
 rollouts programs, sampled), with prompt tokens computed vs reused and decode tokens.
+The CPU ceiling (``pip install -e ".[bench]"`` builds llama-cpp-python, ~5 min): the very calls of that
+evaluation (the engine's prompt token ids, as many greedy tokens as the engine decoded) replayed one by one in
+llama.cpp on the same GGUF, reusing the previous call's KV prefix; its prefill and decode tok/s, and the engine's
+speed on the same work as a ratio (goal >= 0.5x).
 """
 
 import argparse
@@ -88,24 +92,33 @@ def workload(claims: int, rollout_claims: int, rollouts: int):
     sampled_lm = lm_setup.make_lm(profile, temperature=0.7, cache=False)
     dspy.configure(lm=greedy_lm, adapter=adapter_choice.chosen_adapter(profile))
     reuse = engine.generate
+    calls = []  # (conversation, tokens decoded) of every call of the "after" evaluation, for llama.cpp's replay
+
+    def recorded(conversations, sampling, stops=None, options=None):
+        results = reuse(conversations, sampling, stops, options)
+        calls.extend((c, r[2]) for c, r in zip(conversations, results))
+        return results
 
     def reference(conversations, sampling, stops=None, options=None):
         return engine.generate_reference(conversations, sampling, stops)
 
     timings = {}
-    for mode, generate in (("before", reference), ("after", reuse)):
+    for mode, generate in (("before", reference), ("after", recorded)):
         engine.generate = generate
         engine.weights_changed()
         stats, tokens = engine.prefix_cache.stats, engine.stats.generated_tokens
         computed, reused, prefilled = stats.computed_tokens, stats.reused_tokens, engine.stats.reference_prompt_tokens
+        lm_seconds = engine.stats.generate_seconds
         report = evaluation.run_eval(ResearchHop(4, 2, search), dev[:claims], profile.eval_threads)
+        lm_seconds = engine.stats.generate_seconds - lm_seconds  # inside the engine's generate (no retrieval, no DSPy)
+        engine.generate = reuse if mode == "after" else generate
         start = time.perf_counter()
         with dspy.context(lm=sampled_lm):
             rollout_set = [ex for ex in train[:rollout_claims] for _ in range(rollouts)]
             dspy.Evaluate(devset=rollout_set, metric=lambda *a: 0.0, num_threads=profile.eval_threads,
                           display_progress=False, max_errors=len(rollout_set) + 1)(ResearchHop(4, 2, search))
         rollout_seconds = time.perf_counter() - start
-        timings[mode] = (report, rollout_seconds)
+        timings[mode] = (report, rollout_seconds, lm_seconds)
         print(f"{mode} prefix reuse: evaluation of {claims} claims {report.seconds:.1f} s "
               f"({report.seconds / claims:.2f} s/claim, recall {report.score:.2f}%), rollouts of "
               f"{rollout_claims}x{rollouts} programs {rollout_seconds:.1f} s; prompt tokens computed "
@@ -113,11 +126,71 @@ def workload(claims: int, rollout_claims: int, rollouts: int):
               f"reused {stats.reused_tokens - reused}; decode tokens "
               f"{engine.stats.generated_tokens - tokens}")
     engine.generate = reuse
-    (b, b_roll), (a, a_roll) = timings["before"], timings["after"]
+    (b, b_roll, _), (a, a_roll, a_lm) = timings["before"], timings["after"]
     same = list(b.per_claim["recall"]) == list(a.per_claim["recall"])
     print(f"ratio after/before: evaluation {a.seconds / b.seconds:.2f}x per claim (target <= 0.33x), "
           f"same per-claim recall: {same}; rollout phase {a_roll / b_roll:.2f}x (target <= 0.33x); "
           f"cache {engine.prefix_cache.stats.megabytes:.0f} MB of {engine.prefix_cache.budget_bytes / 2**20:.0f} MB")
+    llama_cpp_workload([(local_lm.prompt_ids(engine.tokenizer, c), n) for c, n in calls], a.seconds, a_lm, claims)
+
+
+def llama_cpp_workload(calls, engine_seconds, engine_lm_seconds, claims):
+    """Replay the evaluation's calls in llama.cpp (single stream, its KV prefix kept between calls): the CPU ceiling."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print('llama.cpp ceiling: llama-cpp-python not installed (pip install -e ".[bench]", ~5 min build), skipped')
+        return
+    llm = _llama(Llama, n_ctx=max(len(p) + n for p, n in calls) + 16)
+    prefill_s = decode_s = 0.0
+    computed = reused = decoded = 0
+    for prompt, n_out in calls:
+        keep = 0
+        for a, b in zip(llm.input_ids[: llm.n_tokens], prompt[:-1]):  # the last prompt token is always evaluated
+            if a != b:
+                break
+            keep += 1
+        llm.n_tokens = keep  # eval() drops the KV cells past n_tokens
+        start = time.perf_counter()
+        llm.eval(prompt[keep:])
+        middle = time.perf_counter()
+        for i in range(n_out):
+            token = llm.sample(temp=0.0)
+            if i < n_out - 1:
+                llm.eval([token])
+        decode_s += time.perf_counter() - middle
+        prefill_s += middle - start
+        computed, reused, decoded = computed + len(prompt) - keep, reused + keep, decoded + n_out
+    total = prefill_s + decode_s
+    print(f"llama.cpp ceiling, the same {len(calls)} calls of the {claims}-claim evaluation one by one: prefill "
+          f"{computed} tokens ({reused} reused) at {computed / prefill_s:.0f} tok/s, decode {decoded} tokens at "
+          f"{decoded / decode_s:.1f} tok/s, {total:.1f} s in all; the engine: {engine_lm_seconds:.1f} s inside generate, "
+          f"{engine_seconds:.1f} s for the whole evaluation -> engine speed {total / engine_lm_seconds:.2f}x llama.cpp's "
+          f"on the LM work, {total / engine_seconds:.2f}x counting retrieval and DSPy (goal >= 0.5x)")
+
+
+def _llama(Llama, n_ctx):
+    """llama.cpp on the engine's GGUF (Q4_1 weights; the engine runs them dequantized to fp32), all cores.
+
+    Loaded without llama.cpp's extra weight buffers (AMX / repacked layouts): on the Xeon with AMX this was measured
+    on, llama-cpp-python 0.3.36 with them crashed in its first ``llama_decode`` (segmentation fault).
+    """
+    import llama_cpp
+    from llama_cpp import llama as llama_module
+
+    default = llama_cpp.llama_model_default_params
+
+    def without_extra_buffers():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    llama_module.llama_cpp.llama_model_default_params = without_extra_buffers
+    try:
+        return Llama(model_path=str(local_lm.gguf_folder() / local_lm.GGUF_FILE), n_ctx=n_ctx,
+                     n_threads=os.cpu_count(), n_threads_batch=os.cpu_count(), verbose=False)
+    finally:
+        llama_module.llama_cpp.llama_model_default_params = default
 
 
 def llama_cpp_peer(prompts, max_tokens):
@@ -127,7 +200,7 @@ def llama_cpp_peer(prompts, max_tokens):
     except ImportError:
         print("llama-cpp-python: not installed, peer comparison skipped (optional: pip install llama-cpp-python)")
         return
-    llm = Llama(model_path=str(local_lm.gguf_folder() / local_lm.GGUF_FILE), n_ctx=2048, n_threads=os.cpu_count(), verbose=False)
+    llm = _llama(Llama, n_ctx=2048)
     start, tokens = time.perf_counter(), 0
     for p in prompts:
         out = llm.create_chat_completion([{"role": "user", "content": p}], max_tokens=max_tokens, temperature=0.0)
