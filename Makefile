@@ -31,7 +31,8 @@ test: install
 notebooks: install
 	RLMH_PROFILE=mini $(BIN)/python -m helpers.run_notebooks --in-place
 
-## Benchmarks (see benchmarks/RESULTS.md). QUICK=1: one size per target, one GRPO step, notebooks 01-03 (<15 min).
+## Benchmarks (see benchmarks/RESULTS.md). QUICK=1: one size per target, one GRPO step, notebooks 01-03 (<15 min once
+## the bench extra is installed; its first install builds llama-cpp-python from source).
 bench: install
 	$(PIP) "$(TORCH)" -e ".[bench]"
 ifdef QUICK

@@ -7,10 +7,12 @@ Then the workload itself, in one process, before vs after prefix reuse (``genera
 as it was: one ``model.generate`` per batch, every prompt prefilled in full): a greedy ResearchHop
 evaluation of ``--claims`` dev claims (same results required) and one GRPO step's rollouts (claims x
 rollouts programs, sampled), with prompt tokens computed vs reused and decode tokens.
-The CPU ceiling (``pip install -e ".[bench]"`` builds llama-cpp-python, ~5 min): the very calls of that
+llama.cpp on the same work (``pip install -e ".[bench]"`` builds llama-cpp-python: 33 min niced beside other work
+here, unmeasured alone): the very calls of that
 evaluation (the engine's prompt token ids, as many greedy tokens as the engine decoded) replayed one by one in
 llama.cpp on the same GGUF, reusing the previous call's KV prefix; its prefill and decode tok/s, and the engine's
-speed on the same work as a ratio (goal >= 0.5x).
+speed on the same work as a ratio (goal >= 0.5x). A single-stream replay, not llama.cpp's best: one KV sequence, no
+AMX / repacked weights (see ``_llama``), and calls that ended on end-of-text get one decode step fewer than the engine ran.
 """
 
 import argparse
@@ -135,11 +137,11 @@ def workload(claims: int, rollout_claims: int, rollouts: int):
 
 
 def llama_cpp_workload(calls, engine_seconds, engine_lm_seconds, claims):
-    """Replay the evaluation's calls in llama.cpp (single stream, its KV prefix kept between calls): the CPU ceiling."""
+    """Replay the evaluation's calls in llama.cpp, one by one, its KV prefix kept between calls (single stream)."""
     try:
         from llama_cpp import Llama
     except ImportError:
-        print('llama.cpp ceiling: llama-cpp-python not installed (pip install -e ".[bench]", ~5 min build), skipped')
+        print('llama.cpp replay: llama-cpp-python not installed (pip install -e ".[bench]" builds it), skipped')
         return
     llm = _llama(Llama, n_ctx=max(len(p) + n for p, n in calls) + 16)
     prefill_s = decode_s = 0.0
@@ -162,7 +164,7 @@ def llama_cpp_workload(calls, engine_seconds, engine_lm_seconds, claims):
         prefill_s += middle - start
         computed, reused, decoded = computed + len(prompt) - keep, reused + keep, decoded + n_out
     total = prefill_s + decode_s
-    print(f"llama.cpp ceiling, the same {len(calls)} calls of the {claims}-claim evaluation one by one: prefill "
+    print(f"llama.cpp single-stream replay, the same {len(calls)} calls of the {claims}-claim evaluation one by one: prefill "
           f"{computed} tokens ({reused} reused) at {computed / prefill_s:.0f} tok/s, decode {decoded} tokens at "
           f"{decoded / decode_s:.1f} tok/s, {total:.1f} s in all; the engine: {engine_lm_seconds:.1f} s inside generate, "
           f"{engine_seconds:.1f} s for the whole evaluation -> engine speed {total / engine_lm_seconds:.2f}x llama.cpp's "

@@ -64,7 +64,7 @@ def clean_stale(target: Path) -> None:
 
 
 _ANY_TEMP = re.compile(r"\..+\.(?:(\d+)\.[a-z0-9_]{8}(?:\..+)?\.tmp|old-(\d+))")
-_LEGACY_TEMP = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # written by older versions, without the writer's pid
+_LEGACY_TEMP = re.compile(r"\..+\.[a-z0-9_]{8}(?:\..+)?\.tmp")  # written by older versions, without the writer's pid
 
 
 def clean_folder(folder: Path) -> None:

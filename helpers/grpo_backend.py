@@ -1,10 +1,9 @@
 """GRPO on CPU for the embedded model: a DSPy Provider whose ReinforceJob trains LoRA adapters (06_grpo_training).
 
 Arbor needs NVIDIA GPUs. ``LocalGRPOProvider`` gives ``dspy.teleprompt.grpo.GRPO`` the same job interface
-Arbor does -- ``initialize``, ``get_status``,
-``step``, ``save_checkpoint``, ``terminate`` -- but trains the in-process SmolLM2 weights. The LoRA
-layers are injected into the very model the engine generates with, so the next rollout already
-uses the updated weights; the engine's lock keeps generation and training apart.
+Arbor does -- ``initialize``, ``get_status``, ``step``, ``save_checkpoint``, ``terminate`` -- but trains the
+in-process SmolLM2 weights. The LoRA layers are injected into the very model the engine generates with, so the
+next rollout already uses the updated weights; the engine's lock keeps generation and training apart.
 
 What is trained is not dspy's re-formatted text but the engine's own records of what it sampled
 (``helpers.grpo_data.OnPolicyData``); the loss is ``helpers.grpo_loss``. The path, in order:
@@ -29,7 +28,7 @@ from pathlib import Path
 from dspy.clients.provider import Provider, ReinforceJob
 from dspy.clients.utils_finetune import TrainDataFormat
 
-from helpers import atomic, decoding, grpo_loss, local_lm
+from helpers import atomic, bootstrap, decoding, grpo_loss, local_lm
 from helpers.errors import TutorialError
 from helpers.grpo_data import DataCheck, OnPolicyData
 
@@ -114,7 +113,7 @@ class LocalReinforceJob(ReinforceJob):
         if self.checkpoint_dir:  # one folder per job (its id is new each run); killed saves of earlier jobs leave nothing
             for folder in [Path(self.checkpoint_dir), *Path(self.checkpoint_dir).glob("grpo-*")]:
                 atomic.clean_folder(folder)
-            print(f"GRPO job {self.job_id}: checkpoints in {self.job_folder}", flush=True)
+            print(f"GRPO job {self.job_id}: checkpoints in {bootstrap.display_path(self.job_folder)}", flush=True)
             self.save_checkpoint("step-0000", score=kw.get("initial_score"), metadata={"step": 0})
         self.data.start()
         self._last_end = time.perf_counter()

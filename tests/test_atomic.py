@@ -75,10 +75,14 @@ def test_clean_folder_removes_only_dead_writers_temps(tmp_path):
 def test_clean_folder_removes_old_temps_of_earlier_versions(tmp_path):
     """Temps written before names carried the writer's pid: removed once a day old, left alone while recent."""
     old, recent = tmp_path / ".step-0003.abcd1234.tmp", tmp_path / ".step-0004.efgh5678.tmp"
-    for folder in (old, recent):
+    live = tmp_path / f".step-0005.{os.getppid()}.ijkl9012.tmp"  # named with a running pid: kept, however old
+    for folder in (old, recent, live):
         folder.mkdir()
         (folder / "adapter_model.safetensors").write_bytes(b"half")
+    old_file = tmp_path / ".scores.json.mnop3456.part.tmp"
+    old_file.write_text("{")
     day_ago = old.stat().st_mtime - atomic.LEGACY_TEMP_AGE - 60
-    os.utime(old, (day_ago, day_ago))
+    for path in (old, live, old_file):
+        os.utime(path, (day_ago, day_ago))
     atomic.clean_folder(tmp_path)
-    assert [p.name for p in tmp_path.iterdir()] == [recent.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([recent.name, live.name])

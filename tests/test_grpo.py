@@ -7,7 +7,7 @@ import dspy
 import pytest
 import torch
 
-from helpers import grpo_backend, grpo_presets, grpo_training, hover, lm_setup, local_lm, metrics, retrieval
+from helpers import bootstrap, grpo_backend, grpo_presets, grpo_training, hover, lm_setup, local_lm, metrics, retrieval
 from helpers.errors import TutorialError
 from helpers.guided_adapter import GuidedChatAdapter
 from helpers.research_hop import ResearchHop, SeedPatternResearchHop, traced_notes
@@ -214,7 +214,8 @@ def test_a_new_job_removes_killed_saves_and_writes_its_own_folder(trainable, cap
     (dead / "adapter_model.safetensors").write_bytes(b"half")
     job = _job(lm, tmp_path)
     assert not dead.exists() and job.job_folder == tmp_path / job.job_id and (job.job_folder / "step-0000").is_dir()
-    assert f"GRPO job {job.job_id}: checkpoints in {job.job_folder}" in capsys.readouterr().out  # the run says where
+    said = f"GRPO job {job.job_id}: checkpoints in {bootstrap.display_path(job.job_folder)}"
+    assert said in capsys.readouterr().out  # the run says where
 
 
 def test_best_checkpoint_is_restored_on_terminate(trainable):
