@@ -53,14 +53,8 @@ def clean_stale(target: Path) -> None:
         match = pattern.fullmatch(path.name)
         if not match:
             continue
-        pid = match.group(1) or match.group(2)
-        if _pid_alive(int(pid)) if pid is not None else not _older_than(path, LEGACY_TEMP_AGE):
-            continue
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                path.unlink()
+        if _abandoned(path, match.group(1) or match.group(2)):
+            _remove(path)
 
 
 _ANY_TEMP = re.compile(r"\..+\.(?:(\d+)\.[a-z0-9_]{8}(?:\..+)?\.tmp|old-(\d+))")
@@ -74,24 +68,28 @@ def clean_folder(folder: Path) -> None:
     except OSError:
         return
     for path in entries:
-        match = _ANY_TEMP.fullmatch(path.name)
-        if match:
-            stale = not _pid_alive(int(match.group(1) or match.group(2)))
-        else:
-            stale = bool(_LEGACY_TEMP.fullmatch(path.name)) and _older_than(path, LEGACY_TEMP_AGE)
-        if stale:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    path.unlink()
+        match = _ANY_TEMP.fullmatch(path.name)  # tried first: a name with a pid is judged by its pid, never by age
+        pid = (match.group(1) or match.group(2)) if match else None
+        if (match or _LEGACY_TEMP.fullmatch(path.name)) and _abandoned(path, pid):
+            _remove(path)
 
 
-def _older_than(path: Path, seconds: float) -> bool:
+def _abandoned(path: Path, pid: str | None) -> bool:
+    """Whether a temporary's writer no longer runs: its pid is dead, or (no pid: older versions) it is a day old."""
+    if pid is not None:
+        return not _pid_alive(int(pid))
     try:
-        return time.time() - path.lstat().st_mtime >= seconds
+        return time.time() - path.lstat().st_mtime >= LEGACY_TEMP_AGE
     except OSError:
         return False
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def _prefix(target: Path) -> str:
