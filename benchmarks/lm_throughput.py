@@ -1,12 +1,14 @@
-"""Embedded LM throughput: single-stream vs one batched generate vs 8 concurrent DSPy calls, then the tutorial's workload.
+"""Embedded LM: the tutorial's workload as the engine was vs now, then single-stream vs batched throughput.
 
-Run: python benchmarks/lm_throughput.py [--tokens 64] [--prompts 8] [--claims 24] [--rollouts 3x6]
-Prints the cold (GGUF) vs cached load time, the three throughputs on the same prompts, llama-cpp-python on
-the same GGUF when it happens to be installed (never a dependency), and the ratio.
-Then the workload itself, in one process, before vs after prefix reuse (``generate_reference``, the engine
-as it was: one ``model.generate`` per batch, every prompt prefilled in full): a greedy ResearchHop
-evaluation of ``--claims`` dev claims (same results required) and one GRPO step's rollouts (claims x
-rollouts programs, sampled), with prompt tokens computed vs reused and decode tokens.
+Run: python benchmarks/lm_throughput.py [--claims 24] [--rollouts 3x6] [--no-found] [--tokens 64] [--prompts 8]
+First the workload, in one process: a greedy ResearchHop evaluation of ``--claims`` dev claims (same per-claim
+results required) and one GRPO step's rollouts (claims x rollouts programs, sampled), "before" (the engine served as
+it was: static batches gathered for 50 ms, one ``model.generate`` each, every prompt prefilled in full; see
+``BatchingEngine._serve_reference``) and "after" (continuous batching and prefix reuse), with prompt tokens computed vs
+reused, decode tokens and rows per decode step. Unless ``--no-found``, also the evaluation on the engine as issue 14
+found it, in a child process whose OpenMP threads sleep at once (the setting of that time). Then the cold (GGUF) vs
+cached load time and single-stream / one batched generate / 8 concurrent DSPy calls on short prompts, with
+llama-cpp-python on the same GGUF when it happens to be installed (never a dependency).
 llama.cpp on the same work (``pip install -e ".[bench]"`` builds llama-cpp-python: 33 min niced beside other work
 here, unmeasured alone): the very calls of that
 evaluation (the engine's prompt token ids, as many greedy tokens as the engine decoded) replayed one by one in
@@ -16,9 +18,12 @@ AMX / repacked weights (see ``_llama``), and calls that ended on end-of-text get
 """
 
 import argparse
+import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +43,14 @@ def main():
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--claims", type=int, default=24, help="dev claims of the evaluation workload (0: skip it)")
     parser.add_argument("--rollouts", default="3x6", help="claims x rollouts of the GRPO rollout workload")
+    parser.add_argument("--found", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the evaluation as issue 14 found the engine, in a child process (threads sleeping)")
+    parser.add_argument("--found-only", action="store_true", help=argparse.SUPPRESS)  # that child process
     args = parser.parse_args()
+    if args.found_only:
+        return found_only(args.claims)
+    if args.claims:  # first: the short runs below (llama.cpp's above all) measurably slowed what ran after them
+        workload(args.claims, *map(int, args.rollouts.split("x")), found=args.found)
     cache = tempfile.mkdtemp(prefix="lm-bench-")
     try:
         _, _, cold = local_lm.load_model(cache)
@@ -74,16 +86,12 @@ def main():
         print(f"ratio concurrent/single: {batched / single:.2f}x (target >= 3x)")
     finally:
         shutil.rmtree(cache, ignore_errors=True)
-    if args.claims:
-        workload(args.claims, *map(int, args.rollouts.split("x")))
 
 
-def workload(claims: int, rollout_claims: int, rollouts: int):
-    """The tutorial's own LM work, before (no prefix reuse) and after, in this process."""
+def _setup():
     import dspy
 
-    from helpers import adapter_choice, evaluation, hover, lm_setup, retrieval, sources
-    from helpers.research_hop import ResearchHop
+    from helpers import adapter_choice, hover, lm_setup, retrieval, sources
 
     profile = bootstrap.start("mini")
     sources.prepare(profile)
@@ -91,29 +99,61 @@ def workload(claims: int, rollout_claims: int, rollouts: int):
     train, dev, _ = hover.seed_splits(profile)
     engine = lm_setup.embedded_engine(profile)
     greedy_lm = lm_setup.make_lm(profile, temperature=0.0, cache=False)
-    sampled_lm = lm_setup.make_lm(profile, temperature=0.7, cache=False)
     dspy.configure(lm=greedy_lm, adapter=adapter_choice.chosen_adapter(profile))
-    reuse = engine.generate
-    calls = []  # (conversation, tokens decoded) of every call of the "after" evaluation, for llama.cpp's replay
+    return profile, search, train, dev, engine
 
-    def recorded(conversations, sampling, stops=None, options=None):
-        results = reuse(conversations, sampling, stops, options)
-        calls.extend((c, r[2]) for c, r in zip(conversations, results))
-        return results
 
-    def reference(conversations, sampling, stops=None, options=None):
-        return engine.generate_reference(conversations, sampling, stops)
+def found_only(claims: int):
+    """The evaluation on the engine as issue 14 found it: static batches of ``model.generate``, every prompt prefilled
+    in full, and (set by the parent) OpenMP threads that sleep at once (OMP_WAIT_POLICY=PASSIVE, GOMP_SPINCOUNT=0)."""
+    from helpers import evaluation
+    from helpers.research_hop import ResearchHop
+
+    profile, search, _, dev, engine = _setup()
+    engine.reference = True
+    report = evaluation.run_eval(ResearchHop(4, 2, search), dev[:claims], profile.eval_threads)
+    print("found:", json.dumps({"seconds": report.seconds, "recall": list(report.per_claim["recall"])}))
+
+
+def run_found(claims: int):
+    """``found_only`` in a child process (thread settings only count before torch loads): (seconds, per-claim recall)."""
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}
+    out = subprocess.run([sys.executable, __file__, "--found-only", "--claims", str(claims)], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    found = json.loads(next(line for line in out.splitlines() if line.startswith("found: "))[len("found: "):])
+    return found["seconds"], found["recall"]
+
+
+def workload(claims: int, rollout_claims: int, rollouts: int, found: bool = True):
+    """The tutorial's own LM work, before (no prefix reuse) and after, in this process."""
+    import dspy
+
+    from helpers import evaluation, lm_setup
+    from helpers.research_hop import ResearchHop
+
+    found = run_found(claims) if found else None  # first, while this process holds no model
+    profile, search, train, dev, engine = _setup()
+    sampled_lm = lm_setup.make_lm(profile, temperature=0.7, cache=False)
+    finished = engine._finished
+    calls = []  # (prompt ids, tokens decoded) of every call of the "after" evaluation, for llama.cpp's replay
+
+    def recorded(row, options):
+        result = finished(row, options)
+        calls.append((row.prompt_ids, result[2]))
+        return result
 
     timings = {}
-    for mode, generate in (("before", reference), ("after", recorded)):
-        engine.generate = generate
+    for mode in ("before", "after"):
+        engine.reference = mode == "before"
+        engine._finished = recorded if mode == "after" else finished
         engine.weights_changed()
         stats, tokens = engine.prefix_cache.stats, engine.stats.generated_tokens
         computed, reused, prefilled = stats.computed_tokens, stats.reused_tokens, engine.stats.reference_prompt_tokens
-        lm_seconds = engine.stats.generate_seconds
+        lm_seconds, steps, rows = engine.stats.generate_seconds, engine.stats.decode_steps, engine.stats.decode_rows
         report = evaluation.run_eval(ResearchHop(4, 2, search), dev[:claims], profile.eval_threads)
-        lm_seconds = engine.stats.generate_seconds - lm_seconds  # inside the engine's generate (no retrieval, no DSPy)
-        engine.generate = reuse if mode == "after" else generate
+        lm_seconds = engine.stats.generate_seconds - lm_seconds  # inside the engine (no retrieval, no DSPy)
+        steps, rows = engine.stats.decode_steps - steps, engine.stats.decode_rows - rows
+        engine._finished = finished
         start = time.perf_counter()
         with dspy.context(lm=sampled_lm):
             rollout_set = [ex for ex in train[:rollout_claims] for _ in range(rollouts)]
@@ -121,19 +161,25 @@ def workload(claims: int, rollout_claims: int, rollouts: int):
                           display_progress=False, max_errors=len(rollout_set) + 1)(ResearchHop(4, 2, search))
         rollout_seconds = time.perf_counter() - start
         timings[mode] = (report, rollout_seconds, lm_seconds)
-        print(f"{mode} prefix reuse: evaluation of {claims} claims {report.seconds:.1f} s "
+        label = "before (static batches, full prefill)" if mode == "before" else "after (continuous batching, prefix reuse)"
+        print(f"{label}: evaluation of {claims} claims {report.seconds:.1f} s "
               f"({report.seconds / claims:.2f} s/claim, recall {report.score:.2f}%), rollouts of "
               f"{rollout_claims}x{rollouts} programs {rollout_seconds:.1f} s; prompt tokens computed "
               f"{stats.computed_tokens - computed + engine.stats.reference_prompt_tokens - prefilled}, "
               f"reused {stats.reused_tokens - reused}; decode tokens "
-              f"{engine.stats.generated_tokens - tokens}")
-    engine.generate = reuse
+              f"{engine.stats.generated_tokens - tokens}" + (f"; evaluation decode steps {steps}, "
+              f"{rows / steps:.1f} rows per step" if steps else ""))
+    engine.reference = False
     (b, b_roll, _), (a, a_roll, a_lm) = timings["before"], timings["after"]
     same = list(b.per_claim["recall"]) == list(a.per_claim["recall"])
     print(f"ratio after/before: evaluation {a.seconds / b.seconds:.2f}x per claim (target <= 0.33x), "
           f"same per-claim recall: {same}; rollout phase {a_roll / b_roll:.2f}x (target <= 0.33x); "
           f"cache {engine.prefix_cache.stats.megabytes:.0f} MB of {engine.prefix_cache.budget_bytes / 2**20:.0f} MB")
-    llama_cpp_workload([(local_lm.prompt_ids(engine.tokenizer, c), n) for c, n in calls], a.seconds, a_lm, claims)
+    if found:
+        print(f"as issue 14 found the engine (static batches, full prefill, threads sleeping at once; child process): "
+              f"evaluation {found[0]:.1f} s ({found[0] / claims:.2f} s/claim), same per-claim recall: "
+              f"{found[1] == list(a.per_claim['recall'])}; after/found {a.seconds / found[0]:.2f}x (target <= 0.33x)")
+    llama_cpp_workload(calls, a.seconds, a_lm, claims)
 
 
 def llama_cpp_workload(calls, engine_seconds, engine_lm_seconds, claims):

@@ -1,9 +1,12 @@
-"""The engine's decode loop: prefill each prompt (reusing cached prefixes), then sample all rows together.
+"""The engine's decode loop: prefill each prompt (reusing cached prefixes), then decode all rows together.
 
-It replaces ``model.generate`` for three reasons (measured in benchmarks/lm_throughput.py):
+It replaces ``model.generate`` for four reasons (measured in benchmarks/lm_throughput.py):
 
 * **Prefix reuse.** Each prompt is prefilled alone on top of the longest cached prefix
-  (``helpers.prefix_cache``); only the new tokens are computed. Prefill was half of a call's time.
+  (``helpers.prefix_cache``); only the new tokens are computed. A row that ends leaves its prompt + output
+  in the cache, so the next field call, which continues it, computes only the few marker tokens.
+* **Continuous batching.** ``RunningBatch``: a row leaves the batch when it ends and a new prompt joins at
+  the next step, so no caller waits for the longest row of a batch it happened to start with.
 * **What the policy sampled.** Every row comes back as a ``Sampled`` record: the exact prompt token
   ids, the sampled token ids and their log-probabilities at the sampling temperature. GRPO (06)
   trains on these records, never on text re-tokenised afterwards.
@@ -14,6 +17,7 @@ Greedy decoding takes the arg-max of the raw logits, as ``generate`` does; sampl
 temperature, then top-k, then top-p, in ``generate``'s order.
 """
 
+import functools
 from dataclasses import dataclass, field
 
 
@@ -80,75 +84,221 @@ def prefill(model, ids: list[int], cache):
 
 def decode(model, tokenizer, prompts: list[list[int]], sampling, stops, cache=None, generator=None,
            nonblank=None, blank_mask=None) -> list[Sampled]:
-    """Generate for every prompt (token ids) in one batch; ``stops[i]`` are row i's stop strings."""
-    import torch
-    from transformers import DynamicCache
+    """Generate for every prompt (token ids) together, until all are done; ``stops[i]`` are row i's stop strings."""
+    batch = RunningBatch(model, tokenizer, sampling, cache, generator, blank_mask)
+    rows = [batch.add(ids, sampling.max_tokens, (stops or [()] * len(prompts))[i], bool((nonblank or [False] * len(prompts))[i]))
+            for i, ids in enumerate(prompts)]
+    while len(batch):
+        batch.step()
+    return [row.result for row in rows]
 
-    n = len(prompts)
-    stops = stops or [()] * n
-    nonblank = nonblank or [False] * n
-    first, states = zip(*(prefill(model, ids, cache) for ids in prompts))
-    width = max(len(p) for p in prompts)
-    layers = []
-    for layer in range(len(states[0])):
-        k0, v0 = states[0][layer]
-        keys = k0.new_zeros((n, k0.shape[1], width, k0.shape[3]))
-        values = v0.new_zeros((n, v0.shape[1], width, v0.shape[3]))
-        for row, kv in enumerate(states):
-            keys[row, :, width - kv[layer][0].shape[2]:] = kv[layer][0][0]
-            values[row, :, width - kv[layer][1].shape[2]:] = kv[layer][1][0]
-        layers.append((keys, values))
-    past = DynamicCache(ddp_cache_data=layers)
-    attention = torch.zeros((n, width), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        attention[row, width - len(p):] = 1
-    lengths = torch.tensor([len(p) for p in prompts])
-    logits = torch.stack(first)
-    out_ids = [[] for _ in range(n)]
-    out_lps = [[] for _ in range(n)]
-    finish = ["length"] * n
-    active = list(range(n))  # rows still generating, in the order of the batch tensors
-    eos = tokenizer.eos_token_id
-    for step in range(sampling.max_tokens):
-        scores = logits.float()
-        if step == 0 and any(nonblank[r] for r in active):  # the same mask the trainer applies (grpo_backend)
-            scores = mask_blank_first(scores[:, None], [0 if nonblank[r] else None for r in active], blank_mask)[:, 0]
-        chosen, logps = _choose(scores, sampling, generator)
-        done = []
-        for i, row in enumerate(active):
-            token = int(chosen[i])
-            out_ids[row].append(token)
-            out_lps[row].append(float(logps[i]))
-            if token == eos:
-                finish[row] = "stop"
-                done.append(i)
-            elif stops[row] and any(s in tokenizer.decode(out_ids[row][-16:], skip_special_tokens=True)
-                                    for s in stops[row] if s):
-                finish[row] = "stop"
-                done.append(i)
-        keep = [i for i in range(len(active)) if i not in done]
-        if not keep or step == sampling.max_tokens - 1:
-            break
-        if done:
-            index = torch.tensor(keep)
-            past.batch_select_indices(index)
-            attention, lengths, chosen = attention[index], lengths[index], chosen[index]
-            active = [active[i] for i in keep]
-        attention = torch.cat([attention, torch.ones((len(active), 1), dtype=torch.long)], dim=1)
-        positions = (lengths + step)[:, None]
-        logits = model(input_ids=chosen[:, None], attention_mask=attention, position_ids=positions,
-                       past_key_values=past, use_cache=True).logits[:, -1]
-    results = []
-    for row in range(n):
-        ids = out_ids[row]
-        kept = ids[: ids.index(eos)] if eos in ids else ids
-        text = tokenizer.decode(kept, skip_special_tokens=True)
-        for s in stops[row]:
+
+@dataclass
+class Row:
+    """One prompt being generated inside a ``RunningBatch``; ``result`` is set when it is done."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    stops: tuple = ()
+    nonblank: bool = False
+    ids: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    start: int = 0  # the first column of its states in the batch's buffers
+    result: Sampled | None = None
+    owner: object = None  # what the caller attached (the engine: the waiting job)
+
+
+class RunningBatch:
+    """Continuous batching: rows join whenever they arrive and leave when done; every ``step`` decodes one token of each.
+
+    A static batch runs until its longest row ends, so the rows that finished early wait idle, and so do the
+    callers whose next call depends on them. Here a row leaves at once and a new prompt joins at the next step
+    (prefilled on top of its longest cached prefix). All rows' attention states live in one preallocated buffer
+    per layer, right-aligned so that every row's latest token sits in the same column: a step writes one column,
+    where ``DynamicCache`` copied the whole cache (``torch.cat``) at every step. Columns left of a row's ``start``
+    are masked out. One sampling setting per batch (the engine keeps other settings waiting); ``max_tokens`` and the
+    stop strings are per row.
+    """
+
+    def __init__(self, model, tokenizer, sampling, cache=None, generator=None, blank_mask=None):
+        self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
+        self.cache, self.generator, self.blank_mask = cache, generator, blank_mask
+        self.rows: list[Row] = []  # row i's states are in slot i of the buffers
+        self.width = 0  # columns in use; every row's latest token is in column width - 1
+        self.buffers = None  # per layer (keys, values): [slots, heads, columns, head_dim]
+        self.logits = None  # [rows, vocab]: what each row's next token is drawn from
+        self.steps = 0  # forward passes over the batch (benchmarks: rows per step)
+        self.row_steps = 0
+
+    def __len__(self):
+        return len(self.rows)
+
+    def add(self, prompt_ids, max_tokens, stops=(), nonblank=False, owner=None) -> Row:
+        """Prefill ``prompt_ids`` (reusing cached prefixes) and enter the batch; it decodes from the next ``step``."""
+        import torch
+
+        logits, states = prefill(self.model, prompt_ids, self.cache)
+        row = Row(list(prompt_ids), max_tokens, tuple(stops or ()), nonblank, owner=owner)
+        length = len(prompt_ids)
+        if self.width < length:  # room on the left for the longer prompt: shift every row right
+            self._reserve(len(self.rows) + 1, length + 1, shift=length - self.width)
+            self.width = length
+        else:
+            self._reserve(len(self.rows) + 1, self.width + 1)
+        slot, row.start = len(self.rows), self.width - length
+        for (keys, values), (k, v) in zip(self.buffers, states):
+            keys[slot, :, row.start:self.width] = k[0]
+            values[slot, :, row.start:self.width] = v[0]
+        self.rows.append(row)
+        self.logits = logits[None] if self.logits is None else torch.cat([self.logits, logits[None]])
+        return row
+
+    def step(self) -> list[Row]:
+        """Choose every row's next token; return the rows that ended, and run the others one position on."""
+        import torch
+
+        if not self.rows:
+            return []
+        scores = self.logits.float()
+        first = [0 if r.nonblank and not r.ids else None for r in self.rows]
+        if any(f is not None for f in first):  # the same mask the trainer applies (grpo_backend)
+            scores = mask_blank_first(scores[:, None], first, self.blank_mask)[:, 0]
+        chosen, logps = _choose(scores, self.sampling, self.generator)
+        ended = []
+        for slot, row in enumerate(self.rows):
+            row.ids.append(int(chosen[slot]))
+            row.logprobs.append(float(logps[slot]))
+            if self._ended(row):
+                ended.append(slot)
+        done = [self._leave(slot) for slot in reversed(ended)][::-1]
+        if not self.rows:
+            self.width, self.logits = 0, None
+            return done
+        self._compact()
+        n = len(self.rows)
+        self._reserve(n, self.width + 1)
+        attention = torch.zeros((n, self.width + 1), dtype=torch.long)
+        for slot, row in enumerate(self.rows):
+            attention[slot, row.start:] = 1
+        tokens = torch.tensor([[row.ids[-1]] for row in self.rows])
+        positions = torch.tensor([[len(row.prompt_ids) + len(row.ids) - 1] for row in self.rows])
+        past = _BufferCache(self.buffers, n, self.width)
+        self.logits = self.model(input_ids=tokens, attention_mask=attention, position_ids=positions,
+                                 past_key_values=past, use_cache=True).logits[:, -1]
+        self.width += 1
+        self.steps, self.row_steps = self.steps + 1, self.row_steps + n
+        return done
+
+    def _ended(self, row) -> bool:
+        """Set ``row.result`` if its last token ended it (end-of-text, a stop string, or its token budget)."""
+        eos, finish = self.tokenizer.eos_token_id, None
+        if row.ids[-1] == eos:
+            finish = "stop"
+        elif row.stops and any(s in self.tokenizer.decode(row.ids[-16:], skip_special_tokens=True) for s in row.stops if s):
+            finish = "stop"
+        elif len(row.ids) >= row.max_tokens:
+            finish = "length"
+        if finish is None:
+            return False
+        kept = row.ids[: row.ids.index(eos)] if eos in row.ids else row.ids
+        text = self.tokenizer.decode(kept, skip_special_tokens=True)
+        for s in row.stops:
             if s and s in text:
                 text = text[: text.index(s)]
-        results.append(Sampled(list(prompts[row]), ids, out_lps[row], sampling.temperature, text, finish[row],
-                               bool(nonblank[row])))
-    return results
+        row.result = Sampled(row.prompt_ids, row.ids, row.logprobs, self.sampling.temperature, text, finish, row.nonblank)
+        return True
+
+    def _leave(self, slot) -> Row:
+        """Take the row in ``slot`` out (during ``step``, before the next forward): the last row moves into its slot,
+        one row's states copied, not the batch's. The ended row's states go to the prefix cache first."""
+        row, last = self.rows[slot], len(self.rows) - 1
+        if self.cache is not None:  # its prompt + output, for a next call that continues it (GuidedChatAdapter's)
+            self.cache.store(row.prompt_ids + row.ids[:-1], [(keys[slot:slot + 1, :, row.start:self.width].clone(),
+                                                              values[slot:slot + 1, :, row.start:self.width].clone())
+                                                             for keys, values in self.buffers])
+        if slot != last:
+            moved = self.rows[last]
+            for keys, values in self.buffers:
+                keys[slot, :, moved.start:self.width] = keys[last, :, moved.start:self.width]
+                values[slot, :, moved.start:self.width] = values[last, :, moved.start:self.width]
+            self.rows[slot] = moved
+        self.rows.pop()
+        return row
+
+    def _reserve(self, slots, columns, shift=0):
+        """Make the buffers hold ``slots`` rows and ``columns`` columns; ``shift`` moves the used columns right."""
+        import torch
+
+        have_slots, have_columns = (self.buffers[0][0].shape[0], self.buffers[0][0].shape[2]) if self.buffers else (0, 0)
+        if self.buffers and not shift and slots <= have_slots and columns <= have_columns:
+            return
+        grown_slots = max(slots, have_slots)
+        if slots > have_slots:
+            grown_slots = max(slots, 2 * have_slots)
+        grown_columns = max(columns, have_columns) if columns <= have_columns else columns + max(64, columns // 4)
+        config = self.model.config
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        dtype = next(self.model.parameters()).dtype
+        fresh = []
+        for layer in range(config.num_hidden_layers):
+            keys = torch.zeros((grown_slots, heads, grown_columns, head_dim), dtype=dtype)
+            values = torch.zeros_like(keys)
+            if self.buffers:
+                n = len(self.rows)
+                keys[:n, :, shift:shift + self.width] = self.buffers[layer][0][:n, :, :self.width]
+                values[:n, :, shift:shift + self.width] = self.buffers[layer][1][:n, :, :self.width]
+            fresh.append((keys, values))
+        self.buffers = fresh
+        for row in self.rows:
+            row.start += shift
+
+    def _compact(self):
+        """Drop the leading columns no row uses any more, once they are a quarter of the width (one copy)."""
+        unused = min(row.start for row in self.rows)
+        if unused < max(64, self.width // 4):
+            return
+        n, kept = len(self.rows), self.width - unused
+        for keys, values in self.buffers:
+            keys[:n, :, :kept] = keys[:n, :, unused:self.width].clone()
+            values[:n, :, :kept] = values[:n, :, unused:self.width].clone()
+        for row in self.rows:
+            row.start -= unused
+        self.width = kept
+
+
+@functools.cache
+def _buffer_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class BufferLayer(DynamicLayer):
+        """A cache layer over a ``RunningBatch`` buffer: ``update`` writes the new column in place, no copy."""
+
+        def __init__(self, keys, values, rows, width):
+            super().__init__()
+            self.buffer, self.rows, self.width, self.is_initialized = (keys, values), rows, width, True
+            self.dtype, self.device = keys.dtype, keys.device
+            self.keys, self.values = keys[:rows, :, :width], values[:rows, :, :width]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            end = self.width + key_states.shape[2]
+            self.buffer[0][: self.rows, :, self.width:end] = key_states
+            self.buffer[1][: self.rows, :, self.width:end] = value_states
+            self.width = end
+            self.keys, self.values = self.buffer[0][: self.rows, :, :end], self.buffer[1][: self.rows, :, :end]
+            return self.keys, self.values
+
+    return BufferLayer
+
+
+def _BufferCache(buffers, rows, width):
+    """A ``DynamicCache`` whose layers write into the batch's buffers (the model's cache interface, no copies)."""
+    from transformers import DynamicCache
+
+    layer = _buffer_layer_class()
+    past = DynamicCache()
+    past.layers = [layer(keys, values, rows, width) for keys, values in buffers]
+    return past
 
 
 def _choose(scores, sampling, generator):

@@ -7,7 +7,7 @@ next rollout already uses the updated weights; the engine's lock keeps generatio
 
 What is trained is not dspy's re-formatted text but the engine's own records of what it sampled
 (``helpers.grpo_data.OnPolicyData``); the loss is ``helpers.grpo_loss``. The path, in order:
-``engine.generate`` records → ``OnPolicyData.rows`` → ``_update`` (log-probs at the rollout temperature,
+the engine's records (``BatchingEngine._finished``) → ``OnPolicyData.rows`` → ``_update`` (log-probs at the rollout temperature,
 PPO ratio to the rollout's log-probs) → ``grpo_loss.policy_loss`` → ``grpo_loss.clipped_step``.
 
 Arbor's ``ArborGRPO`` compile loop cannot drive this job: it writes ``repetition_penalty`` and

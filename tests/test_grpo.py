@@ -290,3 +290,15 @@ def test_arbor_config_warns_on_obsolete_gpu_ids(tmp_path):
     (tmp_path / "bad.yaml").write_text("a: [1,\n")
     with pytest.raises(TutorialError, match="not valid YAML"):
         arbor_config.read(tmp_path / "bad.yaml")
+
+
+def test_back_at_step_0_the_greedy_text_is_that_of_before_the_job(trainable):
+    """Why 06 reuses the warm start's report when GRPO keeps step 0: step 0's adapter changes no greedy output."""
+    lm, engine, tmp_path = trainable
+    greedy = local_lm.Sampling(0.0, 1.0, 0, 16)
+    conversations = [MESSAGES, [{"role": "user", "content": "Describe a river town in one sentence."}]]
+    before = engine.generate(conversations, greedy)
+    job = _job(lm, tmp_path, initial_score=10.0)
+    job.step([{"batch_id": 0, "group": _distinct_group(engine, [1.0, 0.0])}], "grpo_chat")  # unscored: step 0 stays best
+    job.terminate()
+    assert job.best_checkpoint == "step-0000" and engine.generate(conversations, greedy) == before

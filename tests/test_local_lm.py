@@ -217,3 +217,70 @@ def test_nonblank_first_token_never_gives_an_empty_value(engine):
         if guarded:
             assert all(text.strip() for text, *_ in out)
     assert sum(firsts[False]) >= 3 and not any(firsts[True])  # about half start blank without the guard (p = 0.58)
+
+
+def _greedy_alone(engine, prompt, max_tokens):
+    return engine.generate([[{"role": "user", "content": prompt}]], local_lm.Sampling(0.0, 1.0, 0, max_tokens))[0][0]
+
+
+def test_rows_that_join_and_leave_a_running_batch_decode_as_alone(engine):
+    """Continuous batching: a longer prompt joining shifts the buffers, rows leave early, unused columns are
+    dropped; every row's greedy text is the one it gets alone."""
+    import torch
+
+    from helpers import decoding
+
+    tok = engine.tokenizer
+    prompts = {"long": "Describe, in detail, " + "the old stone bridge over the wide grey river, " * 12 + "in one line.",
+               "short": "Name a bird.", "middle": "Describe a harbour town by the sea in two short sentences."}
+    budgets = {"long": 3, "short": 16, "middle": 10}
+    alone = {k: _greedy_alone(engine, p, budgets[k]) for k, p in prompts.items()}
+    ids = {k: local_lm.prompt_ids(tok, [{"role": "user", "content": p}]) for k, p in prompts.items()}
+    batch = decoding.RunningBatch(engine.model, tok, local_lm.Sampling(0.0, 1.0, 0, 16), cache=None)
+    done = {}
+    with engine.lock, torch.inference_mode():
+        rows = {"short": batch.add(ids["short"], budgets["short"])}
+        batch.step()
+        rows["long"] = batch.add(ids["long"], budgets["long"])  # longer than the batch: everything shifts right
+        widths = []
+        while len(batch):
+            for row in batch.step():
+                done[next(k for k, r in rows.items() if r is row)] = row.result.text
+            widths.append(batch.width)
+            if "long" in done and "middle" not in rows:
+                rows["middle"] = batch.add(ids["middle"], budgets["middle"])
+    assert done == alone
+    assert min(w for w in widths if w) < len(ids["long"])  # once the long row left, its columns were dropped
+
+
+def test_a_later_short_call_does_not_wait_for_a_long_one(engine, lm):
+    """Calls join the running batch: a short call made while a long one decodes returns first."""
+    import threading
+    import time
+
+    finished = {}
+
+    def call(name, prompt, max_tokens, delay):
+        time.sleep(delay)
+        lm(prompt, max_tokens=max_tokens)
+        finished[name] = time.perf_counter()
+
+    steps, rows = engine.stats.decode_steps, engine.stats.decode_rows
+    threads = [threading.Thread(target=call, args=("long", "Tell me a long story about a river.", 80, 0.0)),
+               threading.Thread(target=call, args=("short", "Name a bird.", 3, 0.5))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert finished["short"] < finished["long"]
+    assert engine.stats.decode_rows - rows > engine.stats.decode_steps - steps  # some steps carried both rows
+
+
+def test_greedy_and_sampled_calls_at_once_each_get_their_own_setting(engine, lm):
+    prompts = [f"Name a town near river {i}." for i in range(3)]
+    alone = [lm(p, max_tokens=8)[0] for p in prompts]
+    with ThreadPoolExecutor(6) as pool:
+        greedy = pool.map(lambda p: lm(p, max_tokens=8)[0], prompts)
+        sampled = pool.map(lambda i: lm("Invent a word.", temperature=1.0, max_tokens=8, rollout_id=i)[0], range(3))
+        greedy, sampled = list(greedy), list(sampled)
+    assert greedy == alone and all(isinstance(s, str) for s in sampled)

@@ -72,16 +72,31 @@ def test_sft_rows_are_the_prompts_the_engine_is_fed(setup, monkeypatch):
     assert all(r.completion_ids[-len(stop):] == stop for r in rows)
     fed, replies = [], iter(rows)
 
-    def fake_decode(model, tokenizer, prompts, sampling, stops, *args, **kwargs):
-        out = []
-        for ids in prompts:
-            fed.append(list(ids))
-            row = next(replies)
-            out.append(decoding.Sampled(list(ids), row.completion_ids, [0.0] * len(row.completion_ids), 0.0,
-                                        tokenizer.decode(row.completion_ids[:-len(stop)]), "stop"))
-        return out
+    class TeacherBatch:
+        """Stands in for the engine's running batch: records each prompt's ids, answers with the teacher's row."""
 
-    monkeypatch.setattr(decoding, "decode", fake_decode)
+        steps = row_steps = 0
+
+        def __init__(self, model, tokenizer, *args, **kwargs):
+            self.tokenizer, self.rows = tokenizer, []
+
+        def __len__(self):
+            return len(self.rows)
+
+        def add(self, ids, max_tokens, stops=(), nonblank=False, owner=None):
+            fed.append(list(ids))
+            reply = next(replies).completion_ids
+            row = decoding.Row(list(ids), max_tokens, stops, nonblank, owner=owner)
+            row.result = decoding.Sampled(list(ids), reply, [0.0] * len(reply), 0.0,
+                                          self.tokenizer.decode(reply[:-len(stop)]), "stop")
+            self.rows.append(row)
+            return row
+
+        def step(self):
+            done, self.rows = self.rows, []
+            return done
+
+    monkeypatch.setattr(decoding, "RunningBatch", TeacherBatch)
     with dspy.context(lm=lm, adapter=GuidedChatAdapter()):
         pred = program(claim=example.claim)
     assert fed == [r.prompt_ids for r in rows]
