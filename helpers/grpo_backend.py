@@ -108,8 +108,8 @@ class LocalReinforceJob(ReinforceJob):
                 p.requires_grad_(True)
             self.optimizer = torch.optim.AdamW(self.params, lr=float(kw.get("learning_rate", 1e-5)),
                                                weight_decay=float(kw.get("weight_decay", 0.0)))
+            self.engine.weights_changed()
         self.peft_model = peft_model
-        self.engine.weights_changed()
         if self.checkpoint_dir:  # one folder per job (its id is new each run); killed saves of earlier jobs leave nothing
             for folder in [Path(self.checkpoint_dir), *Path(self.checkpoint_dir).glob("grpo-*")]:
                 atomic.clean_folder(folder)
@@ -187,7 +187,7 @@ class LocalReinforceJob(ReinforceJob):
         folder = _adapter_folder(path, self.job_id)
         with self.engine.lock:
             set_peft_model_state_dict(self.peft_model, load_file(folder / "adapter_model.safetensors"), adapter_name=self.job_id)
-        self.engine.weights_changed()
+            self.engine.weights_changed()
 
     # --- training --------------------------------------------------------------------------
     def _train(self, groups) -> StepLog:
@@ -430,4 +430,4 @@ def remove_lora(engine) -> None:
         with engine.lock:
             engine.model = peft_model.unload()
             engine.peft_model = None
-        engine.weights_changed()
+            engine.weights_changed()

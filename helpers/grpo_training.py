@@ -149,7 +149,7 @@ def evaluate_trained(trained, job, start, examples, threads: int):
     if getattr(job, "best_checkpoint", None) == "step-0000":
         print(f"No GRPO checkpoint beat step 0: the program has step 0's weights, so its {len(examples)}-claim report "
               f"is {start.name}'s (same weights, greedy: same outputs); not run again.")
-        return dataclasses.replace(start, name="ResearchHop (GRPO)")
+        return dataclasses.replace(start, name="ResearchHop (GRPO)", seconds=0.0)
     return evaluation.run_eval(trained, examples, threads, name="ResearchHop (GRPO)", progress="dev claims scored")
 
 
@@ -269,4 +269,4 @@ def activate_adapter(engine, path: Path, adapter_name: str) -> None:
             peft_model.load_adapter(folder, adapter_name=adapter_name)
             peft_model.set_adapter(adapter_name)
         engine.peft_model.eval()
-    engine.weights_changed()
+        engine.weights_changed()  # in the same hold of the lock: no call may run on stale cached states

@@ -143,7 +143,7 @@ def call_options(**changes):
 
 @dataclass
 class _Job:
-    prompt: list  # token ids
+    messages: list  # tokenised by the worker (a fast tokenizer must not be used by two threads at once)
     sampling: Sampling
     stop: tuple
     options: CallOptions = field(default_factory=CallOptions)
@@ -181,7 +181,7 @@ class BatchingEngine:
             top_k=int(config.top_k) if config.top_k and config.top_k > 0 else 0,
             max_tokens=int(config.max_tokens or 256),
         )
-        job = _Job(prompt_ids(self.tokenizer, _chat_messages(request)), sampling, tuple(config.stop or ()), _OPTIONS.get())
+        job = _Job(_chat_messages(request), sampling, tuple(config.stop or ()), _OPTIONS.get())
         self._ensure_worker()
         self._queue.put(job)
         text, prompt_tokens, new_tokens, finish = job.future.result()
@@ -225,13 +225,18 @@ class BatchingEngine:
                 (self._serve_reference if self.reference else self._serve)(waiting)
 
     def _serve(self, waiting):
-        """Run one batch, with the sampling setting of the first waiting job, until no row is left."""
+        """Run one batch, with the sampling setting of the first waiting job, until no row is left.
+
+        Calls with that setting join at every step, until a call with another setting is waiting: then the
+        batch takes no one new, drains, and the next batch starts with the oldest waiting call.
+        """
         mode = _mode(waiting[0].sampling)
-        blank = self.blank_tokens()
-        batch = decoding.RunningBatch(self.model, self.tokenizer, waiting[0].sampling, self.prefix_cache,
-                                      self.generator, blank)
+        admitted = []  # every job that entered this batch: on a failure, each one still waiting is told
+        batch = None
         start = time.perf_counter()
         try:
+            batch = decoding.RunningBatch(self.model, self.tokenizer, waiting[0].sampling, self.prefix_cache,
+                                          self.generator, self.blank_tokens())
             while True:
                 while True:
                     try:
@@ -239,28 +244,29 @@ class BatchingEngine:
                     except queue.Empty:
                         break
                 room = self.max_batch - len(batch)
-                if len(batch) and any(_mode(job.sampling) != mode for job in waiting):
-                    room = 0  # a call with another setting waits: let this batch drain, so it is not starved
+                if admitted and any(_mode(job.sampling) != mode for job in waiting):
+                    room = 0  # another setting waits: let this batch drain, so that call is not starved
                 joining = [job for job in waiting if _mode(job.sampling) == mode][:room]
                 for job in joining:
                     waiting.remove(job)
-                    try:
-                        batch.add(job.prompt, job.sampling.max_tokens, job.stop, job.options.nonblank, owner=job)
-                    except Exception as exc:  # this prompt alone failed (e.g. too long): tell its caller
-                        job.future.set_exception(exc)
+                    admitted.append(job)
+                    batch.add(prompt_ids(self.tokenizer, job.messages), job.sampling.max_tokens, job.stop,
+                              job.options.nonblank, owner=job)
                 if joining:
                     self.stats.batch_sizes.append(len(joining))
                 if not len(batch):
                     break
                 for row in batch.step():
                     row.owner.future.set_result(self._finished(row.result, row.owner.options))
-        except BaseException as exc:  # hand the failure to every caller in this batch, keep serving
-            for row in batch.rows:
-                row.owner.future.set_exception(exc)
+        except BaseException as exc:  # hand the failure to every caller of this batch, keep serving
+            for job in admitted:
+                if not job.future.done():
+                    job.future.set_exception(exc)
         finally:
             self.stats.generate_seconds += time.perf_counter() - start
-            self.stats.decode_steps += batch.steps
-            self.stats.decode_rows += batch.row_steps
+            if batch is not None:
+                self.stats.decode_steps += batch.steps
+                self.stats.decode_rows += batch.row_steps
 
     def _serve_reference(self, waiting):
         """The engine as it was, for benchmarks: the calls that arrive within 50 ms form a static batch per
@@ -277,7 +283,8 @@ class BatchingEngine:
             groups.setdefault((job.sampling, job.stop), []).append(job)
         for jobs in groups.values():
             try:
-                results = self._reference([j.prompt for j in jobs], jobs[0].sampling, [j.stop for j in jobs])
+                results = self._reference([prompt_ids(self.tokenizer, j.messages) for j in jobs], jobs[0].sampling,
+                                          [j.stop for j in jobs])
             except BaseException as exc:
                 for job in jobs:
                     job.future.set_exception(exc)
@@ -287,9 +294,10 @@ class BatchingEngine:
 
     def _finished(self, row, options):
         """The caller's ``(text, prompt tokens, new tokens, finish)``; sampled rows also go to the recorder."""
-        if self.recorder is not None and row.temperature > 0:
+        recorder = self.recorder  # read once: GRPO's data path may set it to None meanwhile
+        if recorder is not None and row.temperature > 0:
             row.tags = dict(options.tags)
-            self.recorder.append(row)
+            recorder.append(row)
         kept = len(row.ids) - (row.ids[-1] == self.tokenizer.eos_token_id)
         self.stats.generated_tokens += kept
         return row.text, len(row.prompt_ids), kept, row.finish

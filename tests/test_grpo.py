@@ -300,5 +300,7 @@ def test_back_at_step_0_the_greedy_text_is_that_of_before_the_job(trainable):
     before = engine.generate(conversations, greedy)
     job = _job(lm, tmp_path, initial_score=10.0)
     job.step([{"batch_id": 0, "group": _distinct_group(engine, [1.0, 0.0])}], "grpo_chat")  # unscored: step 0 stays best
+    assert _lora_b(job).abs().max() > 0  # the step moved the weights
     job.terminate()
-    assert job.best_checkpoint == "step-0000" and engine.generate(conversations, greedy) == before
+    assert job.best_checkpoint == "step-0000" and _lora_b(job).abs().max() == 0
+    assert engine.generate(conversations, greedy) == before

@@ -219,38 +219,38 @@ def test_nonblank_first_token_never_gives_an_empty_value(engine):
     assert sum(firsts[False]) >= 3 and not any(firsts[True])  # about half start blank without the guard (p = 0.58)
 
 
-def _greedy_alone(engine, prompt, max_tokens):
-    return engine.generate([[{"role": "user", "content": prompt}]], local_lm.Sampling(0.0, 1.0, 0, max_tokens))[0][0]
-
-
-def test_rows_that_join_and_leave_a_running_batch_decode_as_alone(engine):
-    """Continuous batching: a longer prompt joining shifts the buffers, rows leave early, unused columns are
-    dropped; every row's greedy text is the one it gets alone."""
+def test_rows_that_join_and_leave_a_running_batch_decode_as_model_generate_alone(engine):
+    """Continuous batching: a longer prompt joining shifts the buffers, a row that is not last leaves (the last row
+    moves into its slot), unused columns are dropped; every row's greedy text is ``model.generate``'s for it alone."""
     import torch
 
     from helpers import decoding
 
     tok = engine.tokenizer
-    prompts = {"long": "Describe, in detail, " + "the old stone bridge over the wide grey river, " * 12 + "in one line.",
-               "short": "Name a bird.", "middle": "Describe a harbour town by the sea in two short sentences."}
-    budgets = {"long": 3, "short": 16, "middle": 10}
-    alone = {k: _greedy_alone(engine, p, budgets[k]) for k, p in prompts.items()}
+    prompts = {"short": "Name a bird.",
+               "long": "Describe, in detail, " + "the old stone bridge over the wide grey river, " * 12 + "in one line.",
+               "middle": "Describe a harbour town by the sea in two short sentences."}
+    budgets = {"short": 3, "long": 5, "middle": 16}
+    alone = {k: engine.generate_reference([[{"role": "user", "content": p}]], local_lm.Sampling(0.0, 1.0, 0, budgets[k]))[0][0]
+             for k, p in prompts.items()}
     ids = {k: local_lm.prompt_ids(tok, [{"role": "user", "content": p}]) for k, p in prompts.items()}
     batch = decoding.RunningBatch(engine.model, tok, local_lm.Sampling(0.0, 1.0, 0, 16), cache=None)
-    done = {}
+    done, slots_left, compacted = {}, [], False
     with engine.lock, torch.inference_mode():
         rows = {"short": batch.add(ids["short"], budgets["short"])}
         batch.step()
-        rows["long"] = batch.add(ids["long"], budgets["long"])  # longer than the batch: everything shifts right
-        widths = []
+        rows["long"] = batch.add(ids["long"], budgets["long"])  # longer than the batch: every row shifts right
+        rows["middle"] = batch.add(ids["middle"], budgets["middle"])
         while len(batch):
+            slots = {k: batch.rows.index(r) for k, r in rows.items() if r in batch.rows}
             for row in batch.step():
-                done[next(k for k, r in rows.items() if r is row)] = row.result.text
-            widths.append(batch.width)
-            if "long" in done and "middle" not in rows:
-                rows["middle"] = batch.add(ids["middle"], budgets["middle"])
+                name = next(k for k, r in rows.items() if r is row)
+                done[name] = row.result.text
+                slots_left.append((name, slots[name], len(slots)))
+            compacted = compacted or (len(batch) and batch.width < len(ids["long"]))
     assert done == alone
-    assert min(w for w in widths if w) < len(ids["long"])  # once the long row left, its columns were dropped
+    assert slots_left[0] == ("short", 0, 3)  # the first slot of three left: the last row moved into it
+    assert compacted  # the long row gone, the columns only it used were dropped while the middle row went on
 
 
 def test_a_later_short_call_does_not_wait_for_a_long_one(engine, lm):
@@ -279,8 +279,13 @@ def test_a_later_short_call_does_not_wait_for_a_long_one(engine, lm):
 def test_greedy_and_sampled_calls_at_once_each_get_their_own_setting(engine, lm):
     prompts = [f"Name a town near river {i}." for i in range(3)]
     alone = [lm(p, max_tokens=8)[0] for p in prompts]
-    with ThreadPoolExecutor(6) as pool:
-        greedy = pool.map(lambda p: lm(p, max_tokens=8)[0], prompts)
-        sampled = pool.map(lambda i: lm("Invent a word.", temperature=1.0, max_tokens=8, rollout_id=i)[0], range(3))
-        greedy, sampled = list(greedy), list(sampled)
-    assert greedy == alone and all(isinstance(s, str) for s in sampled)
+    engine.recorder = []  # sampled rows only
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            greedy = pool.map(lambda p: lm(p, max_tokens=8)[0], prompts)
+            sampled = pool.map(lambda i: lm("Invent a word.", temperature=1.0, max_tokens=8, rollout_id=i)[0], range(3))
+            greedy, sampled = list(greedy), list(sampled)
+    finally:
+        records, engine.recorder = engine.recorder, None
+    assert greedy == alone
+    assert sorted(r.text for r in records) == sorted(sampled) and {r.temperature for r in records} == {1.0}
