@@ -44,7 +44,7 @@ def main():
 
     import dspy
 
-    from helpers import adapter_choice, evaluation, grpo_backend, grpo_presets, grpo_training, hover, lm_setup
+    from helpers import adapter_choice, evaluation, grpo_presets, grpo_training, hover, lm_setup, lora_policy
     from helpers import retrieval, sources
     from helpers.research_hop import ResearchHop
 
@@ -110,7 +110,7 @@ def main():
         print(f"seed {seed}: dev recall {before.score:.1f}% ({start_from}) -> {after.score:.1f}% after GRPO ({change:+.1f} points, 95% CI "
               f"{low:+.1f} to {high:+.1f}), hidden-page recall {before.hidden_score:.1f}% -> {after.hidden_score:.1f}%, "
               f"GRPO {minutes:.1f} min ({minutes / steps:.2f} min/step), checkpoint {job.best_checkpoint}")
-        grpo_backend.remove_lora(engine)
+        lora_policy.remove_lora(engine)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {peak:.0f} MB")
     for seed, change, low, high, minutes, best in results:

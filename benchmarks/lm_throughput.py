@@ -134,26 +134,27 @@ def workload(claims: int, rollout_claims: int, rollouts: int, found: bool = True
     found = run_found(claims) if found else None  # first, while this process holds no model
     profile, search, train, dev, engine = _setup()
     sampled_lm = lm_setup.make_lm(profile, temperature=0.7, cache=False)
-    finished = engine._finished
     calls = []  # (prompt ids, tokens decoded) of every call of the "after" evaluation, for llama.cpp's replay
 
-    def recorded(row, options):
-        result = finished(row, options)
-        calls.append((row.prompt_ids, result[2]))
-        return result
+    def recorded(row, reply):
+        calls.append((row.prompt_ids, reply[2]))
 
     timings = {}
     for mode in ("before", "after"):
         engine.reference = mode == "before"
-        engine._finished = recorded if mode == "after" else finished
         engine.weights_changed()
         stats, tokens = engine.prefix_cache.stats, engine.stats.generated_tokens
         computed, reused, prefilled = stats.computed_tokens, stats.reused_tokens, engine.stats.reference_prompt_tokens
         lm_seconds, steps, rows = engine.stats.generate_seconds, engine.stats.decode_steps, engine.stats.decode_rows
-        report = evaluation.run_eval(ResearchHop(4, 2, search), dev[:claims], profile.eval_threads)
+        listening = [recorded] if mode == "after" else []
+        engine.listeners.extend(listening)
+        try:
+            report = evaluation.run_eval(ResearchHop(4, 2, search), dev[:claims], profile.eval_threads)
+        finally:
+            for listener in listening:
+                engine.listeners.remove(listener)
         lm_seconds = engine.stats.generate_seconds - lm_seconds  # inside the engine (no retrieval, no DSPy)
         steps, rows = engine.stats.decode_steps - steps, engine.stats.decode_rows - rows
-        engine._finished = finished
         start = time.perf_counter()
         with dspy.context(lm=sampled_lm):
             rollout_set = [ex for ex in train[:rollout_claims] for _ in range(rollouts)]

@@ -17,8 +17,9 @@ Greedy decoding takes the arg-max of the raw logits, as ``generate`` does; sampl
 temperature, then top-k, then top-p, in ``generate``'s order.
 """
 
-import functools
 from dataclasses import dataclass, field
+
+from helpers.kv_buffer import KVBuffer
 
 
 @dataclass
@@ -82,12 +83,12 @@ def prefill(model, ids: list[int], cache):
     return out.logits[0, -1], states
 
 
-def decode(model, tokenizer, prompts: list[list[int]], sampling, stops, cache=None, generator=None,
+def decode(model, tokenizer, prompts: list[list[int]], sampling, stops=None, cache=None, generator=None,
            nonblank=None, blank_mask=None) -> list[Sampled]:
     """Generate for every prompt (token ids) together, until all are done; ``stops[i]`` are row i's stop strings."""
     batch = RunningBatch(model, tokenizer, sampling, cache, generator, blank_mask)
-    rows = [batch.add(ids, sampling.max_tokens, (stops or [()] * len(prompts))[i], bool((nonblank or [False] * len(prompts))[i]))
-            for i, ids in enumerate(prompts)]
+    stops, nonblank = stops or [()] * len(prompts), nonblank or [False] * len(prompts)
+    rows = [batch.add(ids, sampling.max_tokens, stops[i], bool(nonblank[i])) for i, ids in enumerate(prompts)]
     while len(batch):
         batch.step()
     return [row.result for row in rows]
@@ -103,7 +104,6 @@ class Row:
     nonblank: bool = False
     ids: list = field(default_factory=list)
     logprobs: list = field(default_factory=list)
-    start: int = 0  # the first column of its states in the batch's buffers
     result: Sampled | None = None
     owner: object = None  # what the caller attached (the engine: the waiting job)
 
@@ -113,19 +113,16 @@ class RunningBatch:
 
     A static batch runs until its longest row ends, so the rows that finished early wait idle, and so do the
     callers whose next call depends on them. Here a row leaves at once and a new prompt joins at the next step
-    (prefilled on top of its longest cached prefix). All rows' attention states live in one preallocated buffer
-    per layer, right-aligned so that every row's latest token sits in the same column: a step writes one column,
-    where ``DynamicCache`` copied the whole cache (``torch.cat``) at every step. Columns left of a row's ``start``
-    are masked out. One sampling setting per batch (the engine keeps other settings waiting); ``max_tokens`` and the
+    (prefilled on top of its longest cached prefix). The rows' attention states live in a ``KVBuffer`` (slot i holds
+    ``rows[i]``). One sampling setting per batch (the engine keeps other settings waiting); ``max_tokens`` and the
     stop strings are per row.
     """
 
     def __init__(self, model, tokenizer, sampling, cache=None, generator=None, blank_mask=None):
         self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
         self.cache, self.generator, self.blank_mask = cache, generator, blank_mask
-        self.rows: list[Row] = []  # row i's states are in slot i of the buffers
-        self.width = 0  # columns in use; every row's latest token is in column width - 1
-        self.buffers = None  # per layer (keys, values): [slots, heads, columns, head_dim]
+        self.rows: list[Row] = []
+        self.states = KVBuffer()
         self.logits = None  # [rows, vocab]: what each row's next token is drawn from
         self.steps = 0  # forward passes over the batch (benchmarks: rows per step)
         self.row_steps = 0
@@ -133,22 +130,19 @@ class RunningBatch:
     def __len__(self):
         return len(self.rows)
 
+    @property
+    def width(self):
+        """Columns of the attention buffer in use (tests: compaction)."""
+        return self.states.width
+
     def add(self, prompt_ids, max_tokens, stops=(), nonblank=False, owner=None) -> Row:
         """Prefill ``prompt_ids`` (reusing cached prefixes) and enter the batch; it decodes from the next ``step``."""
         import torch
 
         logits, states = prefill(self.model, prompt_ids, self.cache)
+        slot = self.states.append(states)
+        assert slot == len(self.rows)  # slot i holds rows[i]
         row = Row(list(prompt_ids), max_tokens, tuple(stops or ()), nonblank, owner=owner)
-        length = len(prompt_ids)
-        if self.width < length:  # room on the left for the longer prompt: shift every row right
-            self._reserve(len(self.rows) + 1, length + 1, shift=length - self.width)
-            self.width = length
-        else:
-            self._reserve(len(self.rows) + 1, self.width + 1)
-        slot, row.start = len(self.rows), self.width - length
-        for (keys, values), (k, v) in zip(self.buffers, states):
-            keys[slot, :, row.start:self.width] = k[0]
-            values[slot, :, row.start:self.width] = v[0]
         self.rows.append(row)
         self.logits = logits[None] if self.logits is None else torch.cat([self.logits, logits[None]])
         return row
@@ -161,7 +155,7 @@ class RunningBatch:
             return []
         scores = self.logits.float()
         first = [0 if r.nonblank and not r.ids else None for r in self.rows]
-        if any(f is not None for f in first):  # the same mask the trainer applies (grpo_backend)
+        if any(f is not None for f in first):  # the same mask the trainer applies (lora_policy)
             scores = mask_blank_first(scores[:, None], first, self.blank_mask)[:, 0]
         chosen, logps = _choose(scores, self.sampling, self.generator)
         ended = []
@@ -172,21 +166,15 @@ class RunningBatch:
                 ended.append(slot)
         done = [self._leave(slot) for slot in reversed(ended)][::-1]
         if not self.rows:
-            self.width, self.logits = 0, None
+            self.logits = None
             return done
-        self._compact()
-        n = len(self.rows)
-        self._reserve(n, self.width + 1)
-        attention = torch.zeros((n, self.width + 1), dtype=torch.long)
-        for slot, row in enumerate(self.rows):
-            attention[slot, row.start:] = 1
+        attention, past = self.states.step_view()
         tokens = torch.tensor([[row.ids[-1]] for row in self.rows])
         positions = torch.tensor([[len(row.prompt_ids) + len(row.ids) - 1] for row in self.rows])
-        past = _BufferCache(self.buffers, n, self.width)
         self.logits = self.model(input_ids=tokens, attention_mask=attention, position_ids=positions,
                                  past_key_values=past, use_cache=True).logits[:, -1]
-        self.width += 1
-        self.steps, self.row_steps = self.steps + 1, self.row_steps + n
+        self.states.advance()
+        self.steps, self.row_steps = self.steps + 1, self.row_steps + len(self.rows)
         return done
 
     def _ended(self, row) -> bool:
@@ -209,96 +197,15 @@ class RunningBatch:
         return True
 
     def _leave(self, slot) -> Row:
-        """Take the row in ``slot`` out (during ``step``, before the next forward): the last row moves into its slot,
-        one row's states copied, not the batch's. The ended row's states go to the prefix cache first."""
-        row, last = self.rows[slot], len(self.rows) - 1
-        if self.cache is not None:  # its prompt + output, for a next call that continues it (GuidedChatAdapter's)
-            self.cache.store(row.prompt_ids + row.ids[:-1], [(keys[slot:slot + 1, :, row.start:self.width].clone(),
-                                                              values[slot:slot + 1, :, row.start:self.width].clone())
-                                                             for keys, values in self.buffers])
-        if slot != last:
-            moved = self.rows[last]
-            for keys, values in self.buffers:
-                keys[slot, :, moved.start:self.width] = keys[last, :, moved.start:self.width]
-                values[slot, :, moved.start:self.width] = values[last, :, moved.start:self.width]
-            self.rows[slot] = moved
+        """Take the row in ``slot`` out (during ``step``, before the next forward); the last row moves into its slot.
+        Its prompt + output go to the prefix cache first, for a next call that continues it (GuidedChatAdapter's)."""
+        row = self.rows[slot]
+        if self.cache is not None:
+            self.cache.store(row.prompt_ids + row.ids[:-1], self.states.row_states(slot))
+        self.states.remove(slot)
+        self.rows[slot] = self.rows[-1]
         self.rows.pop()
         return row
-
-    def _reserve(self, slots, columns, shift=0):
-        """Make the buffers hold ``slots`` rows and ``columns`` columns; ``shift`` moves the used columns right."""
-        import torch
-
-        have_slots, have_columns = (self.buffers[0][0].shape[0], self.buffers[0][0].shape[2]) if self.buffers else (0, 0)
-        if self.buffers and not shift and slots <= have_slots and columns <= have_columns:
-            return
-        grown_slots = max(slots, have_slots)
-        if slots > have_slots:
-            grown_slots = max(slots, 2 * have_slots)
-        grown_columns = max(columns, have_columns) if columns <= have_columns else columns + max(64, columns // 4)
-        config = self.model.config
-        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        dtype = next(self.model.parameters()).dtype
-        fresh = []
-        for layer in range(config.num_hidden_layers):
-            keys = torch.zeros((grown_slots, heads, grown_columns, head_dim), dtype=dtype)
-            values = torch.zeros_like(keys)
-            if self.buffers:
-                n = len(self.rows)
-                keys[:n, :, shift:shift + self.width] = self.buffers[layer][0][:n, :, :self.width]
-                values[:n, :, shift:shift + self.width] = self.buffers[layer][1][:n, :, :self.width]
-            fresh.append((keys, values))
-        self.buffers = fresh
-        for row in self.rows:
-            row.start += shift
-
-    def _compact(self):
-        """Drop the leading columns no row uses any more, once they are a quarter of the width (one copy)."""
-        unused = min(row.start for row in self.rows)
-        if unused < max(64, self.width // 4):
-            return
-        n, kept = len(self.rows), self.width - unused
-        for keys, values in self.buffers:
-            keys[:n, :, :kept] = keys[:n, :, unused:self.width].clone()
-            values[:n, :, :kept] = values[:n, :, unused:self.width].clone()
-        for row in self.rows:
-            row.start -= unused
-        self.width = kept
-
-
-@functools.cache
-def _buffer_layer_class():
-    from transformers.cache_utils import DynamicLayer
-
-    class BufferLayer(DynamicLayer):
-        """A cache layer over a ``RunningBatch`` buffer: ``update`` writes the new column in place, no copy."""
-
-        def __init__(self, keys, values, rows, width):
-            super().__init__()
-            self.buffer, self.rows, self.width, self.is_initialized = (keys, values), rows, width, True
-            self.dtype, self.device = keys.dtype, keys.device
-            self.keys, self.values = keys[:rows, :, :width], values[:rows, :, :width]
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            end = self.width + key_states.shape[2]
-            self.buffer[0][: self.rows, :, self.width:end] = key_states
-            self.buffer[1][: self.rows, :, self.width:end] = value_states
-            self.width = end
-            self.keys, self.values = self.buffer[0][: self.rows, :, :end], self.buffer[1][: self.rows, :, :end]
-            return self.keys, self.values
-
-    return BufferLayer
-
-
-def _BufferCache(buffers, rows, width):
-    """A ``DynamicCache`` whose layers write into the batch's buffers (the model's cache interface, no copies)."""
-    from transformers import DynamicCache
-
-    layer = _buffer_layer_class()
-    past = DynamicCache()
-    past.layers = [layer(keys, values, rows, width) for keys, values in buffers]
-    return past
 
 
 def _choose(scores, sampling, generator):

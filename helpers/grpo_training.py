@@ -236,7 +236,7 @@ def load_trained(profile: Profile, fresh_program, name: str = "researchhop_grpo"
     If the run started from a warm start, its adapter is merged into the engine's weights first (once: an engine
     that already carries it, as in the notebook that trained it, is left as it is).
     """
-    from helpers import warm_start
+    from helpers import lora_policy, warm_start
 
     folder = profile.cache_dir / "trained" / name
     if not (folder / "program.json").exists():
@@ -246,27 +246,8 @@ def load_trained(profile: Profile, fresh_program, name: str = "researchhop_grpo"
         raise TutorialError("load_trained needs the embedded LM: build it with lm_setup.make_lm(profile) first")
     if (folder / "warm_start").exists():
         warm_start.apply_saved(engine, folder / "warm_start")
-    activate_adapter(engine, folder / "adapter", adapter_name)
+    lora_policy.activate_adapter(engine, folder / "adapter", adapter_name)
     # the saved LM names our engine class (helpers.local_lm.BatchingEngine); DSPy asks before importing it
     fresh_program.load(str(folder / "program.json"), allow_pickle=False, allow_unsafe_lm_state=True)
     return fresh_program
 
-
-def activate_adapter(engine, path: Path, adapter_name: str) -> None:
-    """Load a saved LoRA adapter from disk and make it the one the engine generates with."""
-    from peft import PeftModel
-
-    from helpers.grpo_backend import _adapter_folder, quiet_peft
-
-    folder = str(_adapter_folder(path))
-    with engine.lock, quiet_peft():
-        peft_model = getattr(engine, "peft_model", None)
-        if peft_model is None:  # a fresh kernel: wrap the original weights with the saved adapter
-            engine.peft_model = PeftModel.from_pretrained(engine.model, folder, adapter_name=adapter_name)
-        else:
-            if adapter_name in peft_model.peft_config:
-                peft_model.delete_adapter(adapter_name)
-            peft_model.load_adapter(folder, adapter_name=adapter_name)
-            peft_model.set_adapter(adapter_name)
-        engine.peft_model.eval()
-        engine.weights_changed()  # in the same hold of the lock: no call may run on stale cached states

@@ -14,6 +14,7 @@ import contextvars
 import importlib.util
 import io
 import json
+import logging
 import os
 import queue
 import threading
@@ -163,6 +164,8 @@ class BatchingEngine:
         self.prefix_cache = PrefixCache(cache_mb) if cache_mb else None
         self.recorder = None  # a list: every sampled (non-greedy) row is appended as a decoding.Sampled (GRPO, 06)
         self.generator = None  # a torch.Generator for sampling; seeded by seed_sampling()
+        self.listeners = []  # callables given every finished row (a decoding.Sampled) and the reply its caller got;
+        # they run on the worker thread holding the lock, before the caller is answered: quick, and never calling the LM
         self._blank = None
         self._queue = queue.Queue()
         self._worker = None
@@ -300,7 +303,13 @@ class BatchingEngine:
             recorder.append(row)
         kept = len(row.ids) - (row.ids[-1] == self.tokenizer.eos_token_id)
         self.stats.generated_tokens += kept
-        return row.text, len(row.prompt_ids), kept, row.finish
+        reply = row.text, len(row.prompt_ids), kept, row.finish
+        for listener in list(self.listeners):
+            try:
+                listener(row, reply)
+            except Exception:  # an observer's bug must not fail the callers of the batch
+                logging.getLogger(__name__).exception("engine listener %r failed", listener)
+        return reply
 
     def generate(self, conversations, sampling: Sampling, stops=None, options=None):
         """Generate for a list of chat conversations in one batch; returns (text, n_in, n_out, finish) each.

@@ -212,32 +212,6 @@ class SFTLog:
     rows: int = 0
 
 
-def _adapter(engine, adapter_name: str, seed: int, lora_config: dict | None = None):
-    """Add (or reuse) LoRA adapter ``adapter_name`` on the engine's model, as LocalReinforceJob.initialize does."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from helpers.grpo_backend import DEFAULT_LORA, quiet_peft
-
-    config = LoraConfig(task_type="CAUSAL_LM", **{**DEFAULT_LORA, "lora_dropout": 0.0, **(lora_config or {})})
-    with engine.lock:
-        peft_model = getattr(engine, "peft_model", None)
-        if peft_model is None or adapter_name not in peft_model.peft_config:
-            torch.manual_seed(seed)  # LoRA's A matrices start random
-            if peft_model is None:
-                with quiet_peft():
-                    peft_model = get_peft_model(engine.model, config, adapter_name=adapter_name)
-                engine.peft_model = peft_model
-            else:
-                peft_model.add_adapter(adapter_name, config)
-        peft_model.set_adapter(adapter_name)
-        params = [p for n, p in peft_model.named_parameters() if f".{adapter_name}." in n and "lora_" in n]
-        for p in params:
-            p.requires_grad_(True)
-    engine.weights_changed()
-    return peft_model, params
-
-
 def calls(rows: list[SFTRow]) -> list[list[SFTRow]]:
     """Rows grouped by predictor call: the field rows of one call share their prompt up to the assistant's prefill."""
     out = []
@@ -254,9 +228,9 @@ def shared_prefix_logprobs(model, tokenizer, groups, temperature: float = 1.0):
     """Per-token log-probs of every row's completion (``groups``: lists of ``(prompt_ids, completion_ids)``), rows in order.
 
     The field calls of one predictor call share their prompt up to the prefill, so the rows go to
-    ``grpo_backend.shared_prefix_logprobs``, which runs their common prompt prefix once.
+    ``lora_policy.shared_prefix_logprobs``, which runs their common prompt prefix once.
     """
-    from helpers.grpo_backend import shared_prefix_logprobs as shared
+    from helpers.lora_policy import shared_prefix_logprobs as shared
 
     return shared(model, tokenizer, [row for group in groups for row in group], temperature)
 
@@ -292,11 +266,12 @@ def sft(engine, rows: list[SFTRow], steps: int, lr: float = 1e-3, batch: int = 4
     import torch
 
     from helpers import grpo_loss
+    from helpers.lora_policy import add_adapter
 
     if not rows:
         raise ValueError("no SFT rows")
     start = time.perf_counter()
-    model, params = _adapter(engine, adapter_name, seed, lora_config)
+    model, params = add_adapter(engine, adapter_name, seed, lora_config)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
     by_predictor = {}
@@ -337,7 +312,7 @@ def sft(engine, rows: list[SFTRow], steps: int, lr: float = 1e-3, batch: int = 4
 
 
 def save_adapter(engine, path, adapter_name: str = ADAPTER_NAME, label: str = ADAPTER_NAME) -> Path:
-    """Write the adapter to ``path`` atomically (reload with ``grpo_training.activate_adapter(engine, path, name)``)."""
+    """Write the adapter to ``path`` atomically (reload with ``lora_policy.activate_adapter(engine, path, name)``)."""
     path = Path(path)
     with engine.lock, atomic.atomic_dir(path) as tmp, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Could not find a config file")
@@ -372,8 +347,7 @@ def apply_saved(engine, folder) -> None:
     warm start cannot take this one (merged weights cannot be unmerged) and says so.
     """
     from helpers.errors import TutorialError
-    from helpers.grpo_backend import remove_lora
-    from helpers.grpo_training import activate_adapter
+    from helpers.lora_policy import activate_adapter, remove_lora
 
     label = json.loads((Path(folder) / "warm_start.json").read_text())["label"]
     merged = getattr(engine, "merged", None)

@@ -7,7 +7,7 @@ import dspy
 import pytest
 import torch
 
-from helpers import bootstrap, grpo_backend, grpo_presets, grpo_training, hover, lm_setup, local_lm, metrics, retrieval
+from helpers import bootstrap, grpo_presets, grpo_training, hover, lm_setup, local_lm, lora_policy, metrics, retrieval
 from helpers.errors import TutorialError
 from helpers.guided_adapter import GuidedChatAdapter
 from helpers.research_hop import ResearchHop, SeedPatternResearchHop, traced_notes
@@ -22,7 +22,7 @@ def trainable(mini_cache, tmp_path):
     engine = lm_setup.embedded_engine(mini_cache)
     yield lm, engine, tmp_path
     engine.recorder = None
-    grpo_backend.remove_lora(engine)
+    lora_policy.remove_lora(engine)
 
 
 def _job(lm, tmp_path, **kw):
@@ -51,12 +51,12 @@ def _distinct_group(engine, rewards, temperature=1.2):
 
 
 def _lora_b(job):
-    return torch.cat([p.detach().flatten().clone() for n, p in job.peft_model.named_parameters() if "lora_B" in n])
+    return torch.cat([p.detach().flatten().clone() for n, p in job.policy.model.named_parameters() if "lora_B" in n])
 
 
 def _sequence_logprob(job, engine, record, temperature):
     with torch.no_grad():
-        logps, mask = grpo_backend._completion_logprobs(job.peft_model, engine.tokenizer,
+        logps, mask = lora_policy._completion_logprobs(job.policy.model, engine.tokenizer,
                                                         [(record.prompt_ids, record.ids)], temperature)
     return float((logps * mask).sum())
 
@@ -88,8 +88,8 @@ def test_shared_prefix_logprobs_match_one_unpadded_row_at_a_time(trainable):
                (longer, tok("Because.")["input_ids"]), (other, tok("Green")["input_ids"])]
     nonblank = [True, False, True, False]
     with torch.no_grad():
-        shared, mask = grpo_backend.shared_prefix_logprobs(model, tok, encoded, 0.7, nonblank, blank)
-        padded, _ = grpo_backend._completion_logprobs(model, tok, encoded, 0.7, nonblank, blank)
+        shared, mask = lora_policy.shared_prefix_logprobs(model, tok, encoded, 0.7, nonblank, blank)
+        padded, _ = lora_policy._completion_logprobs(model, tok, encoded, 0.7, nonblank, blank)
         for row, (p, c) in enumerate(encoded):
             logits = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1:-1]
             if nonblank[row]:
@@ -139,17 +139,17 @@ def test_ratio_is_one_at_the_rollout_weights(trainable):
     _distinct_group(engine, [1.0, 0.0], temperature=0.7)
     records = job.data.records
     assert all(r.nonblank for r in records)
-    job.peft_model.train()
+    job.policy.model.train()
     try:
         with torch.no_grad():
-            logps, mask = grpo_backend.shared_prefix_logprobs(job.peft_model, engine.tokenizer,
+            logps, mask = lora_policy.shared_prefix_logprobs(job.policy.model, engine.tokenizer,
                                                                [(r.prompt_ids, r.ids) for r in records], 0.7,
                                                                [r.nonblank for r in records], engine.blank_tokens())
         for row, record in enumerate(records):
             ratio = torch.exp(logps[row, : len(record.ids)] - torch.tensor(record.logprobs))
             assert torch.allclose(ratio, torch.ones_like(ratio), atol=2e-3), ratio
     finally:
-        job.peft_model.eval()
+        job.policy.model.eval()
 
 
 def test_a_step_moves_the_preferred_completion_up(trainable):
@@ -200,7 +200,7 @@ def test_interrupted_checkpoint_leaves_the_last_good_one(trainable, monkeypatch)
         (args[0] / "partial.bin").write_bytes(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(job.peft_model, "save_pretrained", interrupted)
+    monkeypatch.setattr(job.policy.model, "save_pretrained", interrupted)
     with pytest.raises(KeyboardInterrupt):
         job.save_checkpoint("step-0001", score=1.0)
     assert sorted(p.name for p in good.rglob("*")) == files
@@ -236,8 +236,8 @@ def test_several_clipped_optimizer_steps_per_batch(trainable):
     best, worst = list(job.data.records)
     before = [_sequence_logprob(job, engine, r, 1.2) for r in (best, worst)]
     steps = []
-    original = job.optimizer.step
-    job.optimizer.step = lambda *a, **k: steps.append(1) or original(*a, **k)
+    original = job.policy.optimizer.step
+    job.policy.optimizer.step = lambda *a, **k: steps.append(1) or original(*a, **k)
     record = job.step([{"batch_id": 0, "group": group}], "grpo_chat")
     after = [_sequence_logprob(job, engine, r, 1.2) for r in (best, worst)]
     assert len(steps) == 4  # 2 completions, one per optimizer step, 2 passes

@@ -229,8 +229,9 @@ def test_rows_that_join_and_leave_a_running_batch_decode_as_model_generate_alone
     tok = engine.tokenizer
     prompts = {"short": "Name a bird.",
                "long": "Describe, in detail, " + "the old stone bridge over the wide grey river, " * 12 + "in one line.",
-               "middle": "Describe a harbour town by the sea in two short sentences."}
-    budgets = {"short": 3, "long": 5, "middle": 16}
+               "middle": "Describe a harbour town by the sea in two short sentences.",
+               "longer": "Describe, in detail, " + "the old stone bridge over the wide grey river, " * 12 + "and its three old arches, in one line."}
+    budgets = {"short": 3, "long": 5, "middle": 16, "longer": 4}
     alone = {k: engine.generate_reference([[{"role": "user", "content": p}]], local_lm.Sampling(0.0, 1.0, 0, budgets[k]))[0][0]
              for k, p in prompts.items()}
     ids = {k: local_lm.prompt_ids(tok, [{"role": "user", "content": p}]) for k, p in prompts.items()}
@@ -240,7 +241,10 @@ def test_rows_that_join_and_leave_a_running_batch_decode_as_model_generate_alone
         rows = {"short": batch.add(ids["short"], budgets["short"])}
         batch.step()
         rows["long"] = batch.add(ids["long"], budgets["long"])  # longer than the batch: every row shifts right
-        rows["middle"] = batch.add(ids["middle"], budgets["middle"])
+        rows["middle"] = batch.add(ids["middle"], budgets["middle"])  # four slots now, with spare columns
+        tensors = batch.states.layers[0][0]
+        rows["longer"] = batch.add(ids["longer"], budgets["longer"])  # a few tokens longer: rows shift in place
+        shifted_in_place = batch.states.layers[0][0] is tensors
         while len(batch):
             slots = {k: batch.rows.index(r) for k, r in rows.items() if r in batch.rows}
             for row in batch.step():
@@ -249,8 +253,25 @@ def test_rows_that_join_and_leave_a_running_batch_decode_as_model_generate_alone
                 slots_left.append((name, slots[name], len(slots)))
             compacted = compacted or (len(batch) and batch.width < len(ids["long"]))
     assert done == alone
-    assert slots_left[0] == ("short", 0, 3)  # the first slot of three left: the last row moved into it
+    assert shifted_in_place and len(ids["long"]) < len(ids["longer"]) < len(ids["long"]) + 64
+    assert slots_left[0] == ("short", 0, 4)  # the first slot of four left: the last row moved into it
     assert compacted  # the long row gone, the columns only it used were dropped while the middle row went on
+
+
+def test_listeners_see_every_call_with_the_reply_its_caller_got(engine, lm):
+    seen = []
+
+    def listener(row, reply):
+        seen.append((row.prompt_ids, reply))
+
+    engine.listeners.append(listener)
+    try:
+        text = lm("Name a river.", max_tokens=6)[0]
+    finally:
+        engine.listeners.remove(listener)
+    (prompt, reply), = seen
+    assert reply[0] == text and reply[1] == len(prompt) and 0 < reply[2] <= 6
+    assert prompt == local_lm.prompt_ids(engine.tokenizer, [{"role": "user", "content": "Name a river."}])
 
 
 def test_a_later_short_call_does_not_wait_for_a_long_one(engine, lm):

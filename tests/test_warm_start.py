@@ -4,7 +4,7 @@ import dspy
 import pytest
 import torch
 
-from helpers import decoding, grpo_backend, hover, lm_setup, local_lm, metrics, retrieval, warm_start
+from helpers import decoding, hover, lm_setup, local_lm, lora_policy, metrics, retrieval, warm_start
 from helpers.errors import TutorialError
 from helpers.guided_adapter import GuidedChatAdapter
 from helpers.research_hop import ResearchHop
@@ -111,7 +111,7 @@ def test_shared_prefix_logprobs_equal_the_per_row_ones(setup):
     with torch.no_grad():
         shared, m1 = warm_start.shared_prefix_logprobs(engine.model, engine.tokenizer,
                                                        [[(r.prompt_ids, r.completion_ids) for r in g] for g in groups])
-        single, m2 = grpo_backend._completion_logprobs(engine.model, engine.tokenizer,
+        single, m2 = lora_policy._completion_logprobs(engine.model, engine.tokenizer,
                                                        [(r.prompt_ids, r.completion_ids) for g in groups for r in g], 1.0)
     assert torch.equal(m1, m2)
     assert torch.allclose(shared, single, atol=1e-4)
@@ -131,7 +131,7 @@ def test_one_sft_step_lowers_the_nll_and_clears_the_prefix_cache(setup):
         assert warm_start.nll(engine, rows) < before
         assert warm_start.ADAPTER_NAME in engine.peft_model.peft_config
     finally:
-        grpo_backend.remove_lora(engine)
+        lora_policy.remove_lora(engine)
 
 
 def test_a_saved_warm_start_is_merged_once_and_keeps_what_it_learned(setup, tmp_path):
@@ -161,7 +161,7 @@ def test_a_saved_warm_start_is_merged_once_and_keeps_what_it_learned(setup, tmp_
         with pytest.raises(TutorialError, match="restart the kernel"):
             warm_start.apply_saved(engine, tmp_path / "warm")
     finally:
-        grpo_backend.remove_lora(engine)
+        lora_policy.remove_lora(engine)
         engine.model.load_state_dict(original)
         engine.merged = None
         engine.weights_changed()
