@@ -8,8 +8,9 @@ generates with, so the next rollout already uses the updated weights).
 
 What is trained is not dspy's re-formatted text but the engine's own records of what it sampled
 (``helpers.grpo_data.OnPolicyData``); the loss is ``helpers.grpo_loss``. The path, in order:
-the engine's records (``BatchingEngine._finished``) → ``OnPolicyData.rows`` → ``LoraPolicy.update`` (log-probs at the
-rollout temperature, PPO ratio to the rollout's log-probs) → ``grpo_loss.policy_loss`` → ``grpo_loss.clipped_step``.
+the engine's records (``engine.recorder``, filled by ``BatchingEngine._finished``) → ``OnPolicyData.rows`` →
+``LoraPolicy.update`` (log-probs at the rollout temperature, PPO ratio to the rollout's log-probs) →
+``grpo_loss.policy_loss`` → ``grpo_loss.clipped_step``.
 
 Arbor's ``ArborGRPO`` compile loop cannot drive this job: it writes ``repetition_penalty`` and
 ``top_k=-1`` onto the LM, which dspy 3.4.1's custom-engine path refuses (``grpo_training.make_compiler``

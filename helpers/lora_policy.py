@@ -2,11 +2,12 @@
 
 ``LoraPolicy`` is the weights side of ``grpo_backend.LocalReinforceJob``: it adds a LoRA adapter to the very model
 the engine generates with (so the next rollout already samples from the updated weights), saves and loads it, and
-runs GRPO's update on the engine's records of what was sampled (``grpo_data.TrainRow``): log-probabilities at the
-rollout temperature (``shared_prefix_logprobs``) → ``grpo_loss.policy_loss`` → ``grpo_loss.clipped_step``. The engine's
-lock keeps generation and training apart, and every weight change clears the engine's cached attention states.
-Also here: adding an adapter (``add_adapter``, which the warm start uses too), loading a saved one into the engine
-(``activate_adapter``) and removing every LoRA layer (``remove_lora``).
+runs GRPO's update on the training rows ``grpo_data.OnPolicyData`` builds from the engine's records of what was
+sampled: log-probabilities at the rollout temperature (``shared_prefix_logprobs``; ``_completion_logprobs`` with
+gradient checkpointing) → PPO's ratio to the rollout's log-probabilities in ``grpo_loss.policy_loss`` →
+``grpo_loss.clipped_step``. The engine's lock keeps generation and training apart, and every weight change clears
+the engine's cached attention states. Also here: ``add_adapter`` (the warm start's too), ``activate_adapter`` (a
+saved adapter into the engine) and ``remove_lora``.
 """
 
 import logging
@@ -50,7 +51,7 @@ def add_adapter(engine, name: str, seed: int = 0, lora_config: dict | None = Non
             else:
                 model.add_adapter(name, config)
         model.set_adapter(name)
-        params = [p for n, p in model.named_parameters() if f".{name}." in n and "lora_" in n]
+        params = [p for n, p in model.named_parameters() if "lora_" in n and (f".{name}." in n or n.endswith(f".{name}"))]
         for p in params:
             p.requires_grad_(True)
         engine.weights_changed()  # in the same hold of the lock as the change
@@ -66,6 +67,10 @@ class LoraPolicy:
 
         self.engine, self.name = engine, name
         with engine.lock:
+            taken = getattr(engine, "peft_model", None)
+            if taken is not None and name in taken.peft_config:  # add_adapter would train that one on: refuse
+                raise TutorialError(f"a LoRA adapter named {name!r} is already on the model: give the GRPO job another "
+                                    "job_id, or none for a new one")
             engine.seed_sampling(seed)  # the rollouts differ from seed to seed
             self.model, self.params = add_adapter(engine, name, seed, lora_config)
             self.optimizer = torch.optim.AdamW(self.params, lr=learning_rate, weight_decay=weight_decay)
@@ -92,8 +97,9 @@ class LoraPolicy:
 
         ``train_kwargs`` are GRPO's, with TRL's names; ``step`` only labels warnings. Each optimizer step takes
         ``per_device_train_batch_size * gradient_accumulation_steps`` rows (all of them when
-        ``gradient_accumulation_steps`` is unset), and the rows are passed ``num_iterations`` times, as in TRL. The loss is PPO's clipped ratio to the log-probabilities the rollout sampled with
-        (``epsilon``, 0.2 by default): 1 at the first pass, so that step is plain policy gradient.
+        ``gradient_accumulation_steps`` is unset), and the rows are passed ``num_iterations`` times, as in TRL. The
+        loss is PPO's clipped ratio to the log-probabilities the rollout sampled with (``epsilon``, 0.2 by default):
+        1 at the first pass, so that step is plain policy gradient.
         """
         import torch
 

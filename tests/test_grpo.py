@@ -218,6 +218,15 @@ def test_a_new_job_removes_killed_saves_and_writes_its_own_folder(trainable, cap
     assert said in capsys.readouterr().out  # the run says where
 
 
+def test_a_job_id_already_taken_is_refused_not_reused(trainable):
+    lm, engine, tmp_path = trainable
+    first = _job(lm, tmp_path, job_id="grpo-mine")
+    trained = _lora_b(first)
+    with pytest.raises(TutorialError, match="grpo-mine"):
+        _job(lm, tmp_path, job_id="grpo-mine")
+    assert torch.equal(trained, _lora_b(first))
+
+
 def test_best_checkpoint_is_restored_on_terminate(trainable):
     lm, engine, tmp_path = trainable
     job = _job(lm, tmp_path, initial_score=10.0)
