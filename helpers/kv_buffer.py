@@ -30,7 +30,7 @@ class KVBuffer:
             raise ValueError(f"a row with {len(states)} layers cannot join a batch of {len(self.layers)}")
         shift = max(0, length - self.width)  # a longer prompt: every row moves right by the difference
         if not self._reserve(len(self) + 1, self.width + shift + 1, states, shift) and shift:
-            self._move(shift)
+            self._shift(0, shift)
         slot, start = len(self), self.width - length
         for (keys, values), (k, v) in zip(self.layers, states):
             keys[slot, :, start:self.width] = k[0]
@@ -103,27 +103,20 @@ class KVBuffer:
         self.cache.layers = [_buffer_layer_class()(keys, values) for keys, values in fresh]
         return True
 
-    def _move(self, shift):
-        """Move every row's used columns ``shift`` to the right (capacity is reserved)."""
-        n = len(self)
-        for keys, values in self.layers:
-            keys[:n, :, shift:shift + self.width] = keys[:n, :, : self.width].clone()
-            values[:n, :, shift:shift + self.width] = values[:n, :, : self.width].clone()
-        self.starts = [start + shift for start in self.starts]
-        self.width += shift
-
     def _compact(self):
         """Drop the leading columns no row uses any more, once they are a quarter of the width (one copy)."""
         unused = min(self.starts)
-        if unused < max(64, self.width // 4):
-            return
-        n, kept = len(self), self.width - unused
-        for keys, values in self.layers:
-            keys[:n, :, :kept] = keys[:n, :, unused:self.width].clone()
-            values[:n, :, :kept] = values[:n, :, unused:self.width].clone()
-        self.starts = [start - unused for start in self.starts]
-        self.width = kept
+        if unused >= max(64, self.width // 4):
+            self._shift(unused, -unused)
 
+    def _shift(self, first, offset):
+        """Move columns ``first`` to ``width`` of every row by ``offset`` (right if positive; capacity is reserved)."""
+        n, end = len(self), self.width + offset
+        for keys, values in self.layers:
+            keys[:n, :, first + offset:end] = keys[:n, :, first:self.width].clone()
+            values[:n, :, first + offset:end] = values[:n, :, first:self.width].clone()
+        self.starts = [start + offset for start in self.starts]
+        self.width = end
 
 @functools.cache
 def _buffer_layer_class():
