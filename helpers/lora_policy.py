@@ -33,15 +33,19 @@ def quiet_peft():
         yield
 
 
-def add_adapter(engine, name: str, seed: int = 0, lora_config: dict | None = None):
-    """Add LoRA adapter ``name`` to the engine's model (kept if it is there), make it the one the engine generates
-    with, and return ``(peft model, its LoRA parameters)``, trainable. The warm start (``warm_start``) uses it too."""
+def add_adapter(engine, name: str, seed: int = 0, lora_config: dict | None = None, reuse: bool = True):
+    """Add LoRA adapter ``name`` to the engine's model, make it the one the engine generates with, and return
+    ``(peft model, its LoRA parameters)``, trainable. One already there is kept (the warm start continues its own)
+    or, with ``reuse=False``, refused (a GRPO job must not train on another's adapter)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(task_type="CAUSAL_LM", **{**DEFAULT_LORA, **(lora_config or {})})
     with engine.lock:
         model = getattr(engine, "peft_model", None)
+        if model is not None and name in model.peft_config and not reuse:
+            raise TutorialError(f"a LoRA adapter named {name!r} is already on the model: give the GRPO job another "
+                                "job_id, or none for a new one")
         if model is None or name not in model.peft_config:
             torch.manual_seed(seed)  # LoRA's A matrices start random
             if model is None:
@@ -67,12 +71,8 @@ class LoraPolicy:
 
         self.engine, self.name = engine, name
         with engine.lock:
-            taken = getattr(engine, "peft_model", None)
-            if taken is not None and name in taken.peft_config:  # add_adapter would train that one on: refuse
-                raise TutorialError(f"a LoRA adapter named {name!r} is already on the model: give the GRPO job another "
-                                    "job_id, or none for a new one")
+            self.model, self.params = add_adapter(engine, name, seed, lora_config, reuse=False)
             engine.seed_sampling(seed)  # the rollouts differ from seed to seed
-            self.model, self.params = add_adapter(engine, name, seed, lora_config)
             self.optimizer = torch.optim.AdamW(self.params, lr=learning_rate, weight_decay=weight_decay)
 
     def save(self, folder: Path) -> None:
