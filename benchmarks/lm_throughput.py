@@ -128,7 +128,7 @@ def workload(claims: int, rollout_claims: int, rollouts: int, found: bool = True
     """The tutorial's own LM work, before (no prefix reuse) and after, in this process."""
     import dspy
 
-    from helpers import evaluation, lm_setup
+    from helpers import evaluation, lm_setup, weight_packing
     from helpers.research_hop import ResearchHop
 
     found = run_found(claims) if found else None  # first, while this process holds no model
@@ -175,7 +175,9 @@ def workload(claims: int, rollout_claims: int, rollouts: int, found: bool = True
     same = list(b.per_claim["recall"]) == list(a.per_claim["recall"])
     print(f"ratio after/before: evaluation {a.seconds / b.seconds:.2f}x per claim (target <= 0.33x), "
           f"same per-claim recall: {same}; rollout phase {a_roll / b_roll:.2f}x (target <= 0.33x); "
-          f"cache {engine.prefix_cache.stats.megabytes:.0f} MB of {engine.prefix_cache.budget_bytes / 2**20:.0f} MB")
+          f"cache {engine.prefix_cache.stats.megabytes:.0f} MB of {engine.prefix_cache.budget_bytes / 2**20:.0f} MB; "
+          f"weights packed for oneDNN: " + (f"yes ({engine.packed.bytes / 2**20:.0f} MB)" if engine.packed else
+                                            f"no ({weight_packing.cpu_vendor() or 'unknown'} CPU)"))
     if found:
         print(f"as issue 14 found the engine (static batches, full prefill, threads sleeping at once; child process): "
               f"evaluation {found[0]:.1f} s ({found[0] / claims:.2f} s/claim), same per-claim recall: "

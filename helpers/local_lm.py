@@ -6,7 +6,8 @@ is a DSPy custom engine (``dspy.LM(..., engine=...)``): concurrent calls from DS
 queued and decoded together by one worker (continuous batching: a call joins the running batch at its
 next step and leaves it when done), so the LM is a real ``dspy.LM`` with DSPy's cache,
 ``set_lm`` and threaded ``Evaluate``, and needs no server. In-process rather than an HTTP server
-because GRPO (06) updates these same weights between rollouts.
+because GRPO (06) updates these same weights between rollouts. Where MKL is slow at few-row products (not on
+Intel CPUs), the engine's forward passes use oneDNN-packed copies of the weights (``helpers.weight_packing``).
 """
 
 import contextlib
@@ -23,7 +24,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from helpers import atomic, bootstrap, decoding
+from helpers import atomic, bootstrap, decoding, weight_packing
 from helpers.errors import TutorialError
 from helpers.prefix_cache import PrefixCache
 
@@ -155,13 +156,16 @@ class BatchingEngine:
     """A DSPy custom engine: ``complete(Request)`` from many threads, decoded together by one worker thread."""
 
     def __init__(self, model, tokenizer, name: str = MODEL_NAME, max_batch: int = 8,
-                 load_info: LoadInfo | None = None, cache_mb: float = 512.0):
+                 load_info: LoadInfo | None = None, cache_mb: float = 512.0, packed_weights: bool | None = None):
         self.model, self.tokenizer, self.name, self.load_info = model, tokenizer, name, load_info
         self.max_batch = max_batch  # rows decoded together at most; later calls join as rows leave
         self.reference = False  # True: serve calls as the engine did before (benchmarks' "before"; see _serve_reference)
         self.lock = threading.RLock()  # held while generating; training (06) takes it to update weights
         self.stats = EngineStats()
         self.prefix_cache = PrefixCache(cache_mb) if cache_mb else None
+        # oneDNN-packed weights for the forward passes (helpers.weight_packing; None: where they are faster)
+        self.packed_weights = packed_weights_choice(packed_weights)
+        self.packed = None  # the packed copies in use (a weight_packing.PackedWeights), made at the next call
         self.recorder = None  # a list: every sampled (non-greedy) row is appended as a decoding.Sampled (GRPO, 06)
         self.generator = None  # a torch.Generator for sampling; seeded by seed_sampling()
         self.listeners = []  # callables given every finished row (a decoding.Sampled) and the reply its caller got;
@@ -227,12 +231,21 @@ class BatchingEngine:
             with self.lock, torch.inference_mode():
                 (self._serve_reference if self.reference else self._serve)(waiting)
 
+    def _pack(self, wanted: bool):
+        """Make or drop the packed copies of the weights (the reference engine, as it was, never had them); lock held."""
+        if wanted and self.packed is None:
+            self.packed = weight_packing.PackedWeights(self.model)
+        elif not wanted and self.packed is not None:
+            self.packed.remove()
+            self.packed = None
+
     def _serve(self, waiting):
         """Run one batch, with the sampling setting of the first waiting job, until no row is left.
 
         Calls with that setting join at every step, until a call with another setting is waiting: then the
         batch takes no one new, drains, and the next batch starts with the oldest waiting call.
         """
+        self._pack(self.packed_weights)
         mode = _mode(waiting[0].sampling)
         admitted = []  # every job that entered this batch: on a failure, each one still waiting is told
         batch = None
@@ -324,6 +337,7 @@ class BatchingEngine:
         prompts = [prompt_ids(tok, m) for m in conversations]
         start = time.perf_counter()
         with self.lock, torch.inference_mode():
+            self._pack(self.packed_weights)
             blank = self.blank_tokens() if any(o.nonblank for o in options) else None
             rows = decoding.decode(self.model, tok, prompts, sampling, stops, self.prefix_cache, self.generator,
                                    [o.nonblank for o in options], blank)
@@ -351,6 +365,7 @@ class BatchingEngine:
             kwargs.update(stop_strings=list(next(iter(shared_stops))), tokenizer=tok)
         start = time.perf_counter()
         with self.lock, torch.inference_mode():
+            self._pack(False)
             out = self.model.generate(**enc, **kwargs)
         new = out[:, enc["input_ids"].shape[1]:]
         results = []
@@ -381,6 +396,7 @@ class BatchingEngine:
         with self.lock:
             if self.prefix_cache is not None:
                 self.prefix_cache.clear()
+            self._pack(False)  # packed again, from the new weights, before the next call
 
     def seed_sampling(self, seed: int):
         """Sampled tokens come from a generator seeded here: two seeds give two different sets of rollouts."""
@@ -390,6 +406,15 @@ class BatchingEngine:
 
 
 _LIVE = {}  # the process's loaded engines by name: one model per process, found again by saved programs
+
+
+def packed_weights_choice(setting: bool | None) -> bool:
+    """``None``: pack where it is faster (``weight_packing.worthwhile``); ``True`` where oneDNN cannot fails in one line."""
+    if setting is None:
+        return weight_packing.worthwhile()
+    if setting and not weight_packing.available():
+        raise TutorialError("packed_weights=True needs oneDNN on an x86-64 CPU (torch.backends.mkldnn): pass None or False")
+    return bool(setting)
 
 
 def register(engine: BatchingEngine) -> BatchingEngine:

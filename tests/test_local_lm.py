@@ -176,6 +176,77 @@ def test_weight_change_clears_the_cache(engine):
     assert engine.generate([conversation], greedy) == before
 
 
+@pytest.fixture
+def packing(engine):
+    """The engine with packed weights forced on (whatever this CPU's default), then as it was."""
+    from helpers import weight_packing
+
+    if not weight_packing.available():
+        pytest.skip("oneDNN cannot reorder linear weights on this machine")
+    default = engine.packed_weights
+    engine.packed_weights = True
+    yield engine
+    engine.packed_weights = default
+    engine.weights_changed()
+
+
+def test_packed_weights_keep_greedy_outputs_identical(packing):
+    engine, greedy = packing, local_lm.Sampling(0.0, 1.0, 0, 24)
+    engine.packed_weights = False
+    plain = engine.generate(_conversations(), greedy)
+    assert engine.packed is None
+    engine.packed_weights = True
+    packed = engine.generate(_conversations(), greedy)
+    assert engine.packed is not None and engine.packed.bytes > 400 * 2**20 and len(engine.packed.layers) == 211
+    assert packed == plain
+
+
+def test_packed_weights_follow_a_weight_change(packing):
+    import torch
+
+    engine, greedy = packing, local_lm.Sampling(0.0, 1.0, 0, 6)
+    conversation = [{"role": "user", "content": "Name a mountain."}]
+    before = engine.generate([conversation], greedy)
+    weight = engine.model.model.layers[0].mlp.down_proj.weight
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.mul_(0.0)
+        engine.weights_changed()
+        assert engine.packed is None  # dropped with the cache, packed again from the new weights at the next call
+        changed = engine.generate([conversation], greedy)
+        assert engine.packed is not None and changed != before
+        engine.packed_weights = False
+        assert changed == engine.generate([conversation], greedy)  # what the changed weights give unpacked
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+        engine.weights_changed()
+    engine.packed_weights = True
+    assert engine.generate([conversation], greedy) == before
+
+
+def test_packed_layers_use_the_weights_themselves_when_gradients_are_on(packing):
+    import torch
+
+    engine = packing
+    engine.generate([[{"role": "user", "content": "Hi."}]], local_lm.Sampling(0.0, 1.0, 0, 1))
+    layer = engine.model.model.layers[0].self_attn.q_proj
+    assert hasattr(layer, "packed_weight")
+    x = torch.randn(3, layer.in_features, requires_grad=True)
+    layer(x).sum().backward()  # the packed kernel has no backward: this would fail on it
+    assert torch.allclose(x.grad, layer.weight.sum(0).expand(3, -1))
+
+
+def test_packed_weights_where_onednn_cannot_is_one_line(monkeypatch):
+    from helpers import weight_packing
+
+    monkeypatch.setattr(weight_packing, "available", lambda: False)
+    with pytest.raises(TutorialError, match="packed_weights=True needs oneDNN"):
+        local_lm.packed_weights_choice(True)
+    assert local_lm.packed_weights_choice(None) is False and local_lm.packed_weights_choice(False) is False
+
+
 def test_sampled_rows_are_recorded_with_their_log_probs(engine):
     import torch
 
