@@ -1,5 +1,6 @@
 """The embedded SmolLM2 engine, with the real model (no mocks): loading, batching, sampling, DSPy."""
 
+import contextlib
 import importlib.util
 from concurrent.futures import ThreadPoolExecutor
 
@@ -153,27 +154,36 @@ def test_seeds_change_the_samples_and_a_seed_repeats_them(engine):
     assert draws[0] == draws[1] and draws[0] != draws[2]
 
 
-def test_weight_change_clears_the_cache(engine):
+@contextlib.contextmanager
+def zeroed_layer(engine):
+    """One weight matrix of the engine zeroed in place (``weights_changed()`` called), restored afterwards."""
     import torch
 
-    conversation = [{"role": "user", "content": "Name a mountain."}]
-    greedy = local_lm.Sampling(0.0, 1.0, 0, 6)
-    before = engine.generate([conversation], greedy)
-    assert engine.prefix_cache.stats.entries >= 1
     weight = engine.model.model.layers[0].mlp.down_proj.weight
     saved = weight.detach().clone()
     try:
         with torch.no_grad():
             weight.mul_(0.0)
         engine.weights_changed()
-        assert engine.prefix_cache.stats.entries == 0
-        changed = engine.generate([conversation], greedy)
-        assert changed == engine.generate_reference([conversation], greedy)  # the new weights, not stale states
+        yield
     finally:
         with torch.no_grad():
             weight.copy_(saved)
         engine.weights_changed()
-    assert engine.generate([conversation], greedy) == before
+
+
+MOUNTAIN = [{"role": "user", "content": "Name a mountain."}]
+
+
+def test_weight_change_clears_the_cache(engine):
+    greedy = local_lm.Sampling(0.0, 1.0, 0, 6)
+    before = engine.generate([MOUNTAIN], greedy)
+    assert engine.prefix_cache.stats.entries >= 1
+    with zeroed_layer(engine):
+        assert engine.prefix_cache.stats.entries == 0
+        changed = engine.generate([MOUNTAIN], greedy)
+        assert changed == engine.generate_reference([MOUNTAIN], greedy)  # the new weights, not stale states
+    assert engine.generate([MOUNTAIN], greedy) == before
 
 
 @pytest.fixture
@@ -202,28 +212,16 @@ def test_packed_weights_keep_greedy_outputs_identical(packing):
 
 
 def test_packed_weights_follow_a_weight_change(packing):
-    import torch
-
     engine, greedy = packing, local_lm.Sampling(0.0, 1.0, 0, 6)
-    conversation = [{"role": "user", "content": "Name a mountain."}]
-    before = engine.generate([conversation], greedy)
-    weight = engine.model.model.layers[0].mlp.down_proj.weight
-    saved = weight.detach().clone()
-    try:
-        with torch.no_grad():
-            weight.mul_(0.0)
-        engine.weights_changed()
+    before = engine.generate([MOUNTAIN], greedy)
+    with zeroed_layer(engine):
         assert engine.packed is None  # dropped with the cache, packed again from the new weights at the next call
-        changed = engine.generate([conversation], greedy)
+        changed = engine.generate([MOUNTAIN], greedy)
         assert engine.packed is not None and changed != before
         engine.packed_weights = False
-        assert changed == engine.generate([conversation], greedy)  # what the changed weights give unpacked
-    finally:
-        with torch.no_grad():
-            weight.copy_(saved)
-        engine.weights_changed()
+        assert changed == engine.generate([MOUNTAIN], greedy)  # what the changed weights give unpacked
     engine.packed_weights = True
-    assert engine.generate([conversation], greedy) == before
+    assert engine.generate([MOUNTAIN], greedy) == before
 
 
 def test_packed_layers_use_the_weights_themselves_when_gradients_are_on(packing):
