@@ -245,7 +245,13 @@ class BatchingEngine:
         Calls with that setting join at every step, until a call with another setting is waiting: then the
         batch takes no one new, drains, and the next batch starts with the oldest waiting call.
         """
-        self._pack(self.packed_weights)
+        try:
+            self._pack(self.packed_weights)
+        except BaseException as exc:  # every waiting caller is told, none is left waiting for ever
+            for job in waiting:
+                job.future.set_exception(exc)
+            waiting.clear()
+            return
         mode = _mode(waiting[0].sampling)
         admitted = []  # every job that entered this batch: on a failure, each one still waiting is told
         batch = None

@@ -337,7 +337,7 @@ def merge_into_base(engine, label: str = ADAPTER_NAME) -> None:
         engine.model.eval()
         engine.peft_model = None
         engine.merged = label
-    engine.weights_changed()
+        engine.weights_changed()  # in the same hold of the lock: no call may run on stale states or packed copies
 
 
 def apply_saved(engine, folder) -> None:

@@ -57,11 +57,12 @@ class PackedWeights:
 
         self.layers = [m for name, m in model.named_modules()
                        if isinstance(m, torch.nn.Linear) and LORA_MARK not in name and m.weight.dtype == torch.float32]
-        self.bytes = 0
-        for layer in self.layers:
-            layer.packed_weight = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), None)
+        # every copy first, then the layers: a failure halfway (memory) leaves no layer patched
+        copies = [torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), None) for layer in self.layers]
+        for layer, copy in zip(self.layers, copies):
+            layer.packed_weight = copy
             layer.forward = types.MethodType(_packed_forward, layer)
-            self.bytes += layer.weight.numel() * layer.weight.element_size()
+        self.bytes = sum(layer.weight.numel() * layer.weight.element_size() for layer in self.layers)
 
     def remove(self):
         for layer in self.layers:

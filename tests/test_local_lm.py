@@ -236,6 +236,56 @@ def test_packed_layers_use_the_weights_themselves_when_gradients_are_on(packing)
     assert torch.allclose(x.grad, layer.weight.sum(0).expand(3, -1))
 
 
+def test_a_pack_that_fails_halfway_leaves_no_layer_patched(engine, monkeypatch):
+    import torch
+
+    from helpers import weight_packing
+
+    if not weight_packing.available():
+        pytest.skip("oneDNN cannot reorder linear weights on this machine")
+    real, calls = torch.ops.mkldnn._reorder_linear_weight, []
+
+    def fails_at_the_fifth(weight, *args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("out of memory (test)")
+        return real(weight, *args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", fails_at_the_fifth)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        weight_packing.PackedWeights(engine.model)
+    assert not any("forward" in vars(m) or hasattr(m, "packed_weight") for m in engine.model.modules())
+
+
+def _error_of(call) -> str:
+    try:
+        call()
+    except Exception as exc:
+        return str(exc)
+    return ""
+
+
+def test_a_failing_pack_fails_the_waiting_calls_instead_of_hanging_them(packing, lm, monkeypatch):
+    import threading
+
+    from helpers import weight_packing
+
+    engine = packing
+    engine.weights_changed()  # no copies: the next call packs
+
+    def broken(model):
+        raise RuntimeError("cannot pack (test)")
+
+    monkeypatch.setattr(weight_packing, "PackedWeights", broken)
+    outcome = []
+    caller = threading.Thread(target=lambda: outcome.append(_error_of(lambda: lm("Name a lake."))), daemon=True)
+    caller.start()
+    caller.join(timeout=60)  # a caller left waiting for ever would still be alive here
+    assert not caller.is_alive() and "cannot pack" in outcome[0]
+    monkeypatch.undo()
+    assert lm("Name a lake.")[0]  # the engine serves the next call
+
+
 def test_packed_weights_where_onednn_cannot_is_one_line(monkeypatch):
     from helpers import weight_packing
 

@@ -145,7 +145,14 @@ def test_a_saved_warm_start_is_merged_once_and_keeps_what_it_learned(setup, tmp_
         learned = warm_start.nll(engine, rows)
         assert learned < untrained - 0.05
         warm_start.save_adapter(engine, tmp_path / "warm", label="test warm start")
-        warm_start.merge_into_base(engine, "test warm start")
+        held = []  # was the engine's lock held when the merge declared the weights changed? (no call in between)
+        declare = engine.weights_changed
+        engine.weights_changed = lambda: (held.append(engine.lock._is_owned()), declare())
+        try:
+            warm_start.merge_into_base(engine, "test warm start")
+        finally:
+            del engine.weights_changed
+        assert held == [True]
         assert engine.peft_model is None and engine.merged == "test warm start"
         assert warm_start.nll(engine, rows) == pytest.approx(learned, abs=1e-3)
         warm_start.apply_saved(engine, tmp_path / "warm")  # already carried: nothing happens
