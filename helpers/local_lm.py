@@ -164,7 +164,7 @@ class BatchingEngine:
         self.stats = EngineStats()
         self.prefix_cache = PrefixCache(cache_mb) if cache_mb else None
         # oneDNN-packed weights for the forward passes (helpers.weight_packing; None: where they are faster)
-        self.packed_weights = packed_weights_choice(packed_weights)
+        self.packed_weights = weight_packing.choose(packed_weights)
         self.packed = None  # the packed copies in use (a weight_packing.PackedWeights), made at the next call
         self.recorder = None  # a list: every sampled (non-greedy) row is appended as a decoding.Sampled (GRPO, 06)
         self.generator = None  # a torch.Generator for sampling; seeded by seed_sampling()
@@ -412,15 +412,6 @@ class BatchingEngine:
 
 
 _LIVE = {}  # the process's loaded engines by name: one model per process, found again by saved programs
-
-
-def packed_weights_choice(setting: bool | None) -> bool:
-    """``None``: pack where it is faster (``weight_packing.worthwhile``); ``True`` where oneDNN cannot fails in one line."""
-    if setting is None:
-        return weight_packing.worthwhile()
-    if setting and not weight_packing.available():
-        raise TutorialError("packed_weights=True needs oneDNN on an x86-64 CPU (torch.backends.mkldnn): pass None or False")
-    return bool(setting)
 
 
 def register(engine: BatchingEngine) -> BatchingEngine:

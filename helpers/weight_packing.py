@@ -16,6 +16,8 @@ start updates) uses the original weights, so training is unchanged. Memory: one 
 
 import platform
 
+from helpers.errors import TutorialError
+
 LORA_MARK = "lora_"  # peft's adapter layers (lora_A / lora_B): small, and trained: never packed
 
 
@@ -42,6 +44,15 @@ def cpu_vendor() -> str:
 def worthwhile() -> bool:
     """Pack by default: where oneDNN can, and the CPU is not an Intel one (see the module's docstring)."""
     return available() and cpu_vendor() not in ("GenuineIntel", "")
+
+
+def choose(setting: bool | None) -> bool:
+    """``None``: pack where it is faster (``worthwhile``); ``True`` where oneDNN cannot fails in one line."""
+    if setting is None:
+        return worthwhile()
+    if setting and not available():
+        raise TutorialError("packed_weights=True needs oneDNN on an x86-64 CPU (torch.backends.mkldnn): pass None or False")
+    return bool(setting)
 
 
 class PackedWeights:
