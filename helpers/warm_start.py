@@ -257,7 +257,7 @@ def sft(engine, rows: list[SFTRow], steps: int, lr: float = 1e-3, batch: int = 4
     """LoRA SFT of the live engine's model on ``rows``: up to ``steps`` AdamW steps of ``batch`` predictor calls each.
 
     Loss: mean NLL of the completion tokens (temperature 1) over the step's tokens; gradient norm clipped to
-    1.0; the engine's lock held for each step and ``engine.weights_changed()`` called after it (the prefix KV
+    1.0; the engine's lock held for each step and ``engine.weights_changed(base=False)`` called after it (the prefix KV
     cache holds states of the old weights). A step takes the field rows of ``batch`` calls (``calls``), of one
     predictor so their lengths match; calls are drawn in shuffled passes seeded by ``seed``. ``max_seconds``
     stops early (the log says how many steps ran). The adapter stays active on the engine afterwards
@@ -297,7 +297,7 @@ def sft(engine, rows: list[SFTRow], steps: int, lr: float = 1e-3, batch: int = 4
             loss.backward()
             norm = grpo_loss.clipped_step(optimizer, params, 1.0)
             model.eval()
-            engine.weights_changed()
+            engine.weights_changed(base=False)
         log.losses.append(loss.item())
         log.grad_norms.append(norm)
         log.steps = step + 1

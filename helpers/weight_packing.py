@@ -11,7 +11,8 @@ Intel CPUs; oneDNN picks its kernels by instruction set); ``BatchingEngine(packe
 Greedy outputs: the 96 calls of a 24-claim evaluation came out token for token identical either way (the
 results differ by ~1e-5 relative, summation order). Gradients: a forward with gradients on (the GRPO and warm
 start updates) uses the original weights, so training is unchanged. Memory: one more copy of the weights
-(513 MiB). Stale copies: the engine drops them in ``weights_changed()`` and packs again before its next call.
+(513 MiB). Stale copies: the engine drops them in ``weights_changed()`` and packs again before its next call;
+LoRA steps (``weights_changed(base=False)``) leave them: peft adds its terms to the base layers' outputs.
 """
 
 import platform

@@ -224,6 +224,31 @@ def test_packed_weights_follow_a_weight_change(packing):
     assert engine.generate([MOUNTAIN], greedy) == before
 
 
+def test_a_lora_change_keeps_the_packed_copies_and_is_followed(packing):
+    import torch
+
+    from helpers import lora_policy
+
+    engine, greedy = packing, local_lm.Sampling(0.0, 1.0, 0, 6)
+    before = engine.generate([MOUNTAIN], greedy)
+    packed = engine.packed
+    try:
+        _, params = lora_policy.add_adapter(engine, "keeps-packs", seed=0)
+        with torch.no_grad(), engine.lock:  # a LoRA step's kind of change: the base weights stay as they were
+            for p in params:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3)
+            engine.weights_changed(base=False)
+        changed = engine.generate([MOUNTAIN], greedy)
+        assert engine.packed is packed  # not dropped and made again (0.5 s after every GRPO step)
+        assert changed != before
+        engine.packed_weights = False
+        assert changed == engine.generate([MOUNTAIN], greedy)  # what the LoRA-changed model gives unpacked
+    finally:
+        lora_policy.remove_lora(engine)
+    engine.packed_weights = True
+    assert engine.generate([MOUNTAIN], greedy) == before
+
+
 def test_packed_layers_use_the_weights_themselves_when_gradients_are_on(packing):
     import torch
 
