@@ -6,7 +6,8 @@ results required) and one GRPO step's rollouts (claims x rollouts programs, samp
 it was: static batches gathered for 50 ms, one ``model.generate`` each, every prompt prefilled in full; see
 ``BatchingEngine._serve_reference``) and "after" (continuous batching and prefix reuse), with prompt tokens computed vs
 reused, decode tokens and rows per decode step. Unless ``--no-found``, also the evaluation on the engine as issue 14
-found it, in a child process whose OpenMP threads sleep at once (the setting of that time). Then the cold (GGUF) vs
+found it, in a child process whose OpenMP threads sleep at once (the setting of that time), and the same evaluation on
+the engine as it is in another child process: the two processes' peak memory side by side. Then the cold (GGUF) vs
 cached load time and single-stream / one batched generate / 8 concurrent DSPy calls on short prompts, with
 llama-cpp-python on the same GGUF when it happens to be installed (never a dependency).
 llama.cpp on the same work (``pip install -e ".[bench]"`` builds llama-cpp-python: 33 min niced beside other work
@@ -45,10 +46,10 @@ def main():
     parser.add_argument("--rollouts", default="3x6", help="claims x rollouts of the GRPO rollout workload")
     parser.add_argument("--found", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the evaluation as issue 14 found the engine, in a child process (threads sleeping)")
-    parser.add_argument("--found-only", action="store_true", help=argparse.SUPPRESS)  # that child process
+    parser.add_argument("--child", choices=("found", "now"), help=argparse.SUPPRESS)  # the child processes below
     args = parser.parse_args()
-    if args.found_only:
-        return found_only(args.claims)
+    if args.child:
+        return child_evaluation(args.claims, args.child)
     if args.claims:  # first: the short runs below (llama.cpp's above all) measurably slowed what ran after them
         workload(args.claims, *map(int, args.rollouts.split("x")), found=args.found)
     cache = tempfile.mkdtemp(prefix="lm-bench-")
@@ -103,25 +104,33 @@ def _setup():
     return profile, search, train, dev, engine
 
 
-def found_only(claims: int):
-    """The evaluation on the engine as issue 14 found it: static batches of ``model.generate``, every prompt prefilled
-    in full, and (set by the parent) OpenMP threads that sleep at once (OMP_WAIT_POLICY=PASSIVE, GOMP_SPINCOUNT=0)."""
+def child_evaluation(claims: int, kind: str):
+    """The evaluation alone in this (child) process, and the process's peak memory.
+
+    ``kind="found"``: on the engine as issue 14 found it (static batches of ``model.generate``, every prompt prefilled
+    in full, and, set by the parent, OpenMP threads that sleep at once: OMP_WAIT_POLICY=PASSIVE, GOMP_SPINCOUNT=0).
+    ``kind="now"``: on the engine as it is (prefix cache, packed weights where they are used).
+    """
+    import resource
+
     from helpers import evaluation
     from helpers.research_hop import ResearchHop
 
     profile, search, _, dev, engine = _setup()
-    engine.reference = True
+    engine.reference = kind == "found"
     report = evaluation.run_eval(ResearchHop(4, 2, search), dev[:claims], profile.eval_threads)
-    print("found:", json.dumps({"seconds": report.seconds, "recall": list(report.per_claim["recall"])}))
+    print("child:", json.dumps({"seconds": report.seconds, "recall": list(report.per_claim["recall"]),
+                                "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                                "cache_mb": engine.prefix_cache.stats.megabytes,
+                                "packed_mb": engine.packed.bytes / 2**20 if engine.packed else 0.0}))
 
 
-def run_found(claims: int):
-    """``found_only`` in a child process (thread settings only count before torch loads): (seconds, per-claim recall)."""
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}
-    out = subprocess.run([sys.executable, __file__, "--found-only", "--claims", str(claims)], env=env,
+def run_child(claims: int, kind: str) -> dict:
+    """``child_evaluation`` in a child process (thread settings only count before torch loads)."""
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"} if kind == "found" else None
+    out = subprocess.run([sys.executable, __file__, "--child", kind, "--claims", str(claims)], env=env,
                          capture_output=True, text=True, check=True).stdout
-    found = json.loads(next(line for line in out.splitlines() if line.startswith("found: "))[len("found: "):])
-    return found["seconds"], found["recall"]
+    return json.loads(next(line for line in out.splitlines() if line.startswith("child: "))[len("child: "):])
 
 
 def workload(claims: int, rollout_claims: int, rollouts: int, found: bool = True):
@@ -131,7 +140,8 @@ def workload(claims: int, rollout_claims: int, rollouts: int, found: bool = True
     from helpers import evaluation, lm_setup, weight_packing
     from helpers.research_hop import ResearchHop
 
-    found = run_found(claims) if found else None  # first, while this process holds no model
+    # first, while this process holds no model: as found, then as now (the same evaluation, for peak memory)
+    found, now = (run_child(claims, "found"), run_child(claims, "now")) if found else (None, None)
     profile, search, train, dev, engine = _setup()
     sampled_lm = lm_setup.make_lm(profile, temperature=0.7, cache=False)
     calls = []  # (prompt ids, tokens decoded) of every call of the "after" evaluation, for llama.cpp's replay
@@ -180,8 +190,13 @@ def workload(claims: int, rollout_claims: int, rollouts: int, found: bool = True
                                             f"no ({weight_packing.cpu_vendor() or 'unknown'} CPU)"))
     if found:
         print(f"as issue 14 found the engine (static batches, full prefill, threads sleeping at once; child process): "
-              f"evaluation {found[0]:.1f} s ({found[0] / claims:.2f} s/claim), same per-claim recall: "
-              f"{found[1] == list(a.per_claim['recall'])}; after/found {a.seconds / found[0]:.2f}x (target <= 0.33x)")
+              f"evaluation {found['seconds']:.1f} s ({found['seconds'] / claims:.2f} s/claim), same per-claim recall: "
+              f"{found['recall'] == list(a.per_claim['recall'])}; after/found {a.seconds / found['seconds']:.2f}x "
+              f"(target <= 0.33x)")
+        print(f"peak memory of a process that loads the model and evaluates {claims} claims: as found "
+              f"{found['peak_mb']:.0f} MB, now {now['peak_mb']:.0f} MB (cache {now['cache_mb']:.0f} MB, packed weights "
+              f"{now['packed_mb']:.0f} MB), {now['peak_mb'] - found['peak_mb']:+.0f} MB (target <= +1024 MB); same "
+              f"per-claim recall: {now['recall'] == found['recall']}")
     llama_cpp_workload(calls, a.seconds, a_lm, claims)
 
 
