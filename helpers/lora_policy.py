@@ -46,7 +46,8 @@ def add_adapter(engine, name: str, seed: int = 0, lora_config: dict | None = Non
         if model is not None and name in model.peft_config and not reuse:
             raise TutorialError(f"a LoRA adapter named {name!r} is already on the model: give the GRPO job another "
                                 "job_id, or none for a new one")
-        if model is None or name not in model.peft_config:
+        new = model is None or name not in model.peft_config
+        if new:
             torch.manual_seed(seed)  # LoRA's A matrices start random
             if model is None:
                 with quiet_peft():
@@ -58,7 +59,8 @@ def add_adapter(engine, name: str, seed: int = 0, lora_config: dict | None = Non
         params = [p for n, p in model.named_parameters() if "lora_" in n and (f".{name}." in n or n.endswith(f".{name}"))]
         for p in params:
             p.requires_grad_(True)
-        engine.weights_changed(base=False)  # in the same hold of the lock as the change
+        # in the same hold of the lock as the change; PiSSA, OLoRA, CorDA, LoftQ... initialisations rewrite the base weights
+        engine.weights_changed(base=new and config.init_lora_weights not in (True, False, "gaussian"))
     return model, params
 
 

@@ -238,15 +238,49 @@ def test_a_lora_change_keeps_the_packed_copies_and_is_followed(packing):
             for p in params:
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3)
             engine.weights_changed(base=False)
+        assert engine.prefix_cache.stats.entries == 0  # states of the old weights are gone all the same
         changed = engine.generate([MOUNTAIN], greedy)
         assert engine.packed is packed  # not dropped and made again (0.5 s after every GRPO step)
+        assert "forward" in vars(engine.model.model.layers[0].self_attn.q_proj.base_layer)  # used under peft's layer
         assert changed != before
-        engine.packed_weights = False
-        assert changed == engine.generate([MOUNTAIN], greedy)  # what the LoRA-changed model gives unpacked
+        with _unpacked(engine):
+            assert changed == engine.generate([MOUNTAIN], greedy)  # what the LoRA-changed model gives unpacked
+        assert engine.generate([MOUNTAIN], greedy) == changed
+        packed = engine.packed  # made again after the unpacked call
     finally:
         lora_policy.remove_lora(engine)
-    engine.packed_weights = True
+    assert engine.generate([MOUNTAIN], greedy) == before and engine.packed is packed  # unloading LoRA keeps them too
+
+
+def test_a_lora_that_rewrites_the_base_weights_drops_the_packed_copies(packing):
+    import torch
+
+    from helpers import lora_policy
+
+    engine, greedy = packing, local_lm.Sampling(0.0, 1.0, 0, 6)
+    before = engine.generate([MOUNTAIN], greedy)  # packed copies in place
+    saved = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
+    try:  # PiSSA moves each target weight's top singular directions out of the base weight into the adapter
+        lora_policy.add_adapter(engine, "rewrites-base", seed=0, lora_config={"init_lora_weights": "pissa"})
+        packed = engine.generate([MOUNTAIN], greedy)
+        with _unpacked(engine):
+            assert packed == engine.generate([MOUNTAIN], greedy)
+    finally:
+        lora_policy.remove_lora(engine)
+        with torch.no_grad(), engine.lock:  # the base weights as they were, for the tests after this one
+            for n, p in engine.model.named_parameters():
+                p.copy_(saved[n])
+            engine.weights_changed()
     assert engine.generate([MOUNTAIN], greedy) == before
+
+
+@contextlib.contextmanager
+def _unpacked(engine):
+    engine.packed_weights = False
+    try:
+        yield
+    finally:
+        engine.packed_weights = True
 
 
 def test_packed_layers_use_the_weights_themselves_when_gradients_are_on(packing):
