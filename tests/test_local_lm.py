@@ -202,10 +202,9 @@ def packing(engine):
 
 def test_packed_weights_keep_greedy_outputs_identical(packing):
     engine, greedy = packing, local_lm.Sampling(0.0, 1.0, 0, 24)
-    engine.packed_weights = False
-    plain = engine.generate(_conversations(), greedy)
-    assert engine.packed is None
-    engine.packed_weights = True
+    with _unpacked(engine):
+        plain = engine.generate(_conversations(), greedy)
+        assert engine.packed is None
     packed = engine.generate(_conversations(), greedy)
     assert engine.packed is not None and engine.packed.bytes > 400 * 2**20 and len(engine.packed.layers) == 211
     assert packed == plain
@@ -218,9 +217,8 @@ def test_packed_weights_follow_a_weight_change(packing):
         assert engine.packed is None  # dropped with the cache, packed again from the new weights at the next call
         changed = engine.generate([MOUNTAIN], greedy)
         assert engine.packed is not None and changed != before
-        engine.packed_weights = False
-        assert changed == engine.generate([MOUNTAIN], greedy)  # what the changed weights give unpacked
-    engine.packed_weights = True
+        with _unpacked(engine):
+            assert changed == engine.generate([MOUNTAIN], greedy)  # what the changed weights give unpacked
     assert engine.generate([MOUNTAIN], greedy) == before
 
 
