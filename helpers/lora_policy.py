@@ -220,23 +220,68 @@ def _completion_logprobs(model, tokenizer, encoded, temperature: float = 1.0, no
 
 
 def shared_prefix_logprobs(model, tokenizer, encoded, temperature: float = 1.0, nonblank=None, blank_mask=None):
-    """``_completion_logprobs`` computed once for the prompt prefix the rows share (the default, without checkpointing).
+    """``_completion_logprobs`` with each shared prompt prefix computed once (the default, without checkpointing).
 
     The rollouts of one claim start with the same long prompt (the claim, the search results); a field's
-    second call repeats the first call's prompt. So the longest common prefix of the rows' prompts runs
-    once, batch 1, and every row continues from its states (gradients flow back into it); only each row's
-    own prompt tail and completion are computed per row. Same values as the padded computation.
+    second call repeats the first call's prompt. So the rows are cut into runs of neighbours that share a
+    prefix (``prefix_runs``; callers put such rows side by side), each run's common prefix runs once, batch 1,
+    and its rows continue from those states (gradients flow back into them); only each row's own prompt
+    tail and completion are computed per row. Same values as the padded computation; rows keep their order.
     """
+    import torch
+
+    nonblank = list(nonblank) if nonblank is not None else [False] * len(encoded)
+    parts = [_one_prefix_logprobs(model, tokenizer, encoded[run.start:run.stop], temperature, nonblank[run.start:run.stop],
+                                  blank_mask) for run in prefix_runs([p for p, _ in encoded], [len(c) for _, c in encoded])]
+    if len(parts) == 1:
+        return parts[0]
+    keep = max(logps.shape[1] for logps, _ in parts)
+    pad = lambda t: torch.nn.functional.pad(t, (0, keep - t.shape[1]))  # noqa: E731 (masked: zeros past the end)
+    return torch.cat([pad(logps) for logps, _ in parts]), torch.cat([pad(mask) for _, mask in parts])
+
+
+def _common_length(a: list, b: list) -> int:
+    n, most = 0, min(len(a), len(b))
+    while n < most and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def prefix_runs(prompts: list[list[int]], completion_lengths: list[int]) -> list[range]:
+    """Cut rows (in order) into runs whose common prompt prefix is worth computing once.
+
+    A run costs its common prefix once plus, per row, the longest tail after it (rows are padded to it). A
+    row joins the run before it when that costs fewer token positions than starting its own run: the field
+    rows of one predictor call, or the rollouts of one claim, end up together; calls of different claims,
+    whose prompts share only the system message, do not. (One run for all rows made the warm start compute
+    every prompt of a step in full, once per field.)
+    """
+    def cost(start, stop, shared):
+        return shared + (stop - start) * max(len(prompts[i]) - shared + completion_lengths[i] for i in range(start, stop))
+
+    runs, start, shared = [], 0, len(prompts[0]) if prompts else 0
+    for i in range(1, len(prompts)):
+        joined = min(shared, _common_length(prompts[start], prompts[i]))
+        alone = len(prompts[i]) + completion_lengths[i]
+        if cost(start, i + 1, max(1, joined)) <= cost(start, i, max(1, shared)) + alone:
+            shared = joined
+        else:
+            runs.append(range(start, i))
+            start, shared = i, len(prompts[i])
+    if prompts:
+        runs.append(range(start, len(prompts)))
+    return runs
+
+
+def _one_prefix_logprobs(model, tokenizer, encoded, temperature, nonblank, blank_mask):
+    """``shared_prefix_logprobs`` for one run: the rows' longest common prompt prefix runs once."""
     import torch
     from transformers import DynamicCache
 
     prompts = [p for p, _ in encoded]
     shared = min(len(p) for p in prompts)
     for p in prompts[1:]:
-        n = 0
-        while n < shared and p[n] == prompts[0][n]:
-            n += 1
-        shared = n
+        shared = min(shared, _common_length(p, prompts[0]))
     shared = max(1, shared)
     body = (model.get_base_model() if hasattr(model, "get_base_model") else model)  # LoRA layers sit inside it
     head = body.model(input_ids=torch.tensor([prompts[0][:shared]]), use_cache=True)

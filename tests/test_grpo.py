@@ -78,6 +78,15 @@ def test_the_trace_keeps_the_notes_each_call_saw(mini_cache):
     assert seen["SeedPatternResearchHop"] == [("append_notes", notes), ("generate_query", notes)]
 
 
+def test_prefix_runs_keep_one_calls_fields_together_and_split_other_claims():
+    system, claim_a, claim_b = list(range(50)), list(range(100, 400)), list(range(500, 800))
+    a1, b1 = system + claim_a, system + claim_b
+    a2, b2 = a1 + [7] * 12, b1 + [8] * 9  # a field's second call: the first call's prompt plus what it wrote
+    assert lora_policy.prefix_runs([a1, a2, b1, b2], [12, 10, 9, 11]) == [range(0, 2), range(2, 4)]
+    assert lora_policy.prefix_runs([a1] * 6, [20] * 6) == [range(0, 6)]  # six rollouts of one claim
+    assert lora_policy.prefix_runs([a1], [3]) == [range(0, 1)]
+
+
 def test_shared_prefix_logprobs_match_one_unpadded_row_at_a_time(trainable):
     lm, engine, _ = trainable
     tok, model, blank = engine.tokenizer, engine.model, engine.blank_tokens()
@@ -88,6 +97,7 @@ def test_shared_prefix_logprobs_match_one_unpadded_row_at_a_time(trainable):
                (longer, tok("Because.")["input_ids"]), (other, tok("Green")["input_ids"])]
     nonblank = [True, False, True, False]
     with torch.no_grad():
+        assert len(lora_policy.prefix_runs([p for p, _ in encoded], [len(c) for _, c in encoded])) > 1
         shared, mask = lora_policy.shared_prefix_logprobs(model, tok, encoded, 0.7, nonblank, blank)
         padded, _ = lora_policy._completion_logprobs(model, tok, encoded, 0.7, nonblank, blank)
         for row, (p, c) in enumerate(encoded):
