@@ -7,7 +7,8 @@ queued and decoded together by one worker (continuous batching: a call joins the
 next step and leaves it when done), so the LM is a real ``dspy.LM`` with DSPy's cache,
 ``set_lm`` and threaded ``Evaluate``, and needs no server. In-process rather than an HTTP server
 because GRPO (06) updates these same weights between rollouts. Where MKL is slow at few-row products (not on
-Intel CPUs), the engine's forward passes use oneDNN-packed copies of the weights (``helpers.weight_packing``).
+Intel CPUs), the engine's forward passes use oneDNN-packed copies of the weights (``helpers.weight_packing``), and
+its attention reads the shared key/value heads in place (``helpers.grouped_attention``).
 """
 
 import contextlib
@@ -24,7 +25,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from helpers import atomic, bootstrap, decoding, weight_packing
+from helpers import atomic, bootstrap, decoding, grouped_attention, weight_packing
 from helpers.errors import TutorialError
 from helpers.prefix_cache import DEFAULT_BUDGET_MB, PrefixCache
 
@@ -231,6 +232,12 @@ class BatchingEngine:
             with self.lock, torch.inference_mode():
                 (self._serve_reference if self.reference else self._serve)(waiting)
 
+    def _own_kernels(self, on: bool):
+        """Lock held: the engine's own kernels (packed weights where they pay, grouped attention) on, or off as the
+        engine was found (the reference path). Training between calls runs with whatever was set last: the same values."""
+        self._pack(self.packed_weights if on else False)
+        grouped_attention.use(self.model, on)
+
     def _pack(self, wanted: bool):
         """Make or drop the packed copies of the weights (the reference engine, as it was, never had them); lock held."""
         if wanted and self.packed is None:
@@ -246,7 +253,7 @@ class BatchingEngine:
         batch takes no one new, drains, and the next batch starts with the oldest waiting call.
         """
         try:
-            self._pack(self.packed_weights)
+            self._own_kernels(True)
         except BaseException as exc:  # every waiting caller is told, none is left waiting for ever
             for job in waiting:
                 job.future.set_exception(exc)
@@ -343,7 +350,7 @@ class BatchingEngine:
         prompts = [prompt_ids(tok, m) for m in conversations]
         start = time.perf_counter()
         with self.lock, torch.inference_mode():
-            self._pack(self.packed_weights)
+            self._own_kernels(True)
             blank = self.blank_tokens() if any(o.nonblank for o in options) else None
             rows = decoding.decode(self.model, tok, prompts, sampling, stops, self.prefix_cache, self.generator,
                                    [o.nonblank for o in options], blank)
@@ -371,7 +378,7 @@ class BatchingEngine:
             kwargs.update(stop_strings=list(next(iter(shared_stops))), tokenizer=tok)
         start = time.perf_counter()
         with self.lock, torch.inference_mode():
-            self._pack(False)
+            self._own_kernels(False)
             out = self.model.generate(**enc, **kwargs)
         new = out[:, enc["input_ids"].shape[1]:]
         results = []

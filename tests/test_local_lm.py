@@ -109,6 +109,49 @@ def test_prefix_reuse_keeps_greedy_outputs_identical(engine):
     assert stats.reused_tokens - reused_before >= sum(r[1] for r in cold) - len(cold)
 
 
+def test_grouped_attention_is_bitwise_sdpa_and_the_engine_uses_it(engine):
+    """sdpa_gqa lets 3 query heads share a key/value head without copying it: the same logits, bit for bit, on a prefill
+    over cached states (and training's gradients, which it leaves to sdpa); the engine's calls use it, its reference not."""
+    import torch
+
+    from helpers import grouped_attention
+
+    model, tok = engine.model, engine.tokenizer
+    ids = torch.tensor([local_lm.prompt_ids(tok, _conversations()[0])])
+    batch = torch.tensor([list(range(1000, 1060)), list(range(2000, 2060))])
+    padded = torch.ones_like(batch)
+    padded[1, :12] = 0
+    embeddings = model.get_input_embeddings().weight
+
+    def run(grouped):
+        grouped_attention.use(model, grouped)
+        with torch.no_grad():
+            head = model(input_ids=ids[:, :-7], use_cache=True)
+            tail = model(input_ids=ids[:, -7:], past_key_values=head.past_key_values,
+                         attention_mask=torch.ones_like(ids), use_cache=True).logits
+            left_padded = model(input_ids=batch, attention_mask=padded).logits
+        embeddings.requires_grad_(True)
+        try:
+            model(input_ids=batch, attention_mask=padded).logits[:, -4:].logsumexp(-1).sum().backward()
+            grad = embeddings.grad.clone()
+        finally:
+            embeddings.requires_grad_(False)
+            embeddings.grad = None
+        return tail, left_padded, grad
+
+    with engine.lock:
+        try:
+            plain, grouped = run(False), run(True)
+        finally:
+            engine._own_kernels(True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, grouped))
+    greedy = local_lm.Sampling(0.0, 1.0, 0, 4)
+    engine.generate_reference(_conversations(1), greedy)
+    assert model.config._attn_implementation == "sdpa"
+    engine.generate(_conversations(1), greedy)
+    assert model.config._attn_implementation == grouped_attention.NAME
+
+
 def test_second_field_call_reuses_the_first_calls_prompt(engine):
     messages = _conversations()[0]
     first = messages + [{"role": "assistant", "content": "[[ ## reasoning ## ]]\n"}]
