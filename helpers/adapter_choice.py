@@ -19,9 +19,10 @@ from helpers.profiles import Profile
 from helpers.research_hop import ResearchHop
 
 ADAPTERS = {
-    "ChatAdapter": lambda: dspy.ChatAdapter(use_json_adapter_fallback=False),  # no silent JSON retry
+    # no silent retry in JSON: dspy's ChatAdapter and XMLAdapter (a ChatAdapter) fall back to JSONAdapter by default
+    "ChatAdapter": lambda: dspy.ChatAdapter(use_json_adapter_fallback=False),
     "JSONAdapter": lambda: dspy.JSONAdapter(),
-    "XMLAdapter": lambda: dspy.XMLAdapter(),
+    "XMLAdapter": lambda: dspy.XMLAdapter(use_json_adapter_fallback=False),
     "GuidedChatAdapter": lambda: GuidedChatAdapter(),
 }
 

@@ -110,3 +110,15 @@ def test_reports_round_trip_through_the_cache(setup, mini_profile):
     again = evaluation.load_report(mini_profile, "unit")
     assert again.score == report.score and again.per_claim.equals(report.per_claim)
     assert evaluation.load_report(mini_profile, "missing") is None
+
+
+@pytest.mark.parametrize("name", ["ChatAdapter", "XMLAdapter"])
+def test_a_parse_rate_measures_its_own_format_without_a_silent_json_retry(setup, name):
+    """dspy's ChatAdapter and XMLAdapter retry a failed parse with JSONAdapter by default: a rate would count the
+    retry's successes as theirs (and cost a second call). Each call of a claim must reach the LM once, in its format."""
+    lm, search, dev = setup
+    short = lm.copy(max_tokens=8)  # 8 tokens cannot hold the fields: every parse fails
+    rates = adapter_choice.parse_rates(short, dev[:1], search, threads=1, adapters=[name])
+    assert rates.loc[name, "total parsed"] == 0.0
+    assert len(short.history) == 2  # append_notes and generate_query, one LM call each
+    assert not any("JSON" in m["content"] for call in short.history for m in call["messages"])
