@@ -4,10 +4,11 @@ SmolLM2-135M has 9 query heads and 3 key/value heads. Given an attention mask on
 attention copies every key/value head 3 times per layer (``repeat_kv``: each prefill on top of cached states has a
 mask) or, for one query token, regroups the query heads (each batched decode step). torch's
 ``scaled_dot_product_attention`` can itself let 3 query heads share a key/value head (``enable_gqa``), with no copy
-and bitwise the same result on this CPU kernel (tests/test_local_lm.py): a 24-claim evaluation took ≈ 10 % less
-(benchmarks/RESULTS.md). ``use(model)`` switches a model to it under the name ``sdpa_gqa`` (its masks are sdpa's);
-``use(model, False)`` back to plain "sdpa" (the engine as it was, for the benchmarks' "before"). Where gradients are
-taken (training), it hands over to transformers' sdpa: the trained weights stay exactly what they were.
+and bitwise the same result on this CPU kernel (tests/test_local_lm.py): a 24-claim evaluation took ≈ 10 % less on
+a Zen 4 host, ≈ 3 % on a Zen 5 (within the noise there; benchmarks/RESULTS.md, sessions 15-17). ``use(model)``
+switches a model to it under the name ``sdpa_gqa`` (its masks are sdpa's); ``use(model, False)`` back to plain
+"sdpa" (the engine as it was, for the benchmarks' "before"). Where gradients are taken (training), it hands over to
+transformers' sdpa: the trained weights stay exactly what they were.
 """
 
 import functools
