@@ -78,7 +78,10 @@ class KVBuffer:
     def _reserve(self, slots, columns, states=None, shift=0) -> bool:
         """Make room for ``slots`` rows and ``columns`` columns; True if that took new tensors (the rows copied into
         them ``shift`` columns to the right). Grown with headroom, so this rarely copies. The first call takes the
-        layer count, head count, head size, dtype and device from a row's ``states``."""
+        layer count, head count, head size, dtype and device from a row's ``states``.
+
+        One layer at a time: its new tensors are made and filled, then its old ones dropped, so growing holds one
+        layer twice, not the whole buffer (at 16 rows the two whole buffers were the engine's memory peak)."""
         import torch
         from transformers import DynamicCache
 
@@ -88,20 +91,29 @@ class KVBuffer:
         slots = max(slots, 2 * have_slots) if slots > have_slots else have_slots
         columns = columns + max(64, columns // 4) if columns > have_columns else have_columns
         like = (self.layers or states)[0][0]
-        shape, n = (slots, like.shape[1], columns, like.shape[3]), len(self)
-        fresh = []
-        for layer in self.layers or [None] * len(states):
-            keys, values = (torch.zeros(shape, dtype=like.dtype, device=like.device) for _ in range(2))
-            if layer is not None:
-                keys[:n, :, shift:shift + self.width] = layer[0][:n, :, : self.width]
-                values[:n, :, shift:shift + self.width] = layer[1][:n, :, : self.width]
-            fresh.append((keys, values))
-        self.layers = fresh
+        shape, kind = (slots, like.shape[1], columns, like.shape[3]), dict(dtype=like.dtype, device=like.device)
+        del like
+        self.cache = None  # its layers are views of the old tensors: they would keep them alive
+        self.layers = self.layers or [None] * len(states)
+        for i in range(len(self.layers)):
+            self.layers[i] = self._grown(self.layers[i], shape, kind, shift)
+            _give_back_freed_memory()
         self.starts = [start + shift for start in self.starts]
         self.width += shift
         self.cache = DynamicCache()
-        self.cache.layers = [_buffer_layer_class()(keys, values) for keys, values in fresh]
+        self.cache.layers = [_buffer_layer_class()(keys, values) for keys, values in self.layers]
         return True
+
+    def _grown(self, old, shape, kind, shift):
+        """One layer's new ``(keys, values)`` of ``shape``, holding the rows of ``old`` (None: empty) moved by ``shift``."""
+        import torch
+
+        keys, values = torch.zeros(shape, **kind), torch.zeros(shape, **kind)
+        if old is not None:
+            n = len(self)
+            keys[:n, :, shift:shift + self.width] = old[0][:n, :, : self.width]
+            values[:n, :, shift:shift + self.width] = old[1][:n, :, : self.width]
+        return keys, values
 
     def _compact(self):
         """Drop the leading columns no row uses any more, once they are a quarter of the width (one copy)."""
@@ -117,6 +129,26 @@ class KVBuffer:
             values[:n, :, first + offset:end] = values[:n, :, first:self.width].clone()
         self.starts = [start + offset for start in self.starts]
         self.width = end
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim`` (None elsewhere: macOS, musl)."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _give_back_freed_memory():
+    """Return the pages of freed tensors to the system now (glibc keeps freed blocks of a few MB for reuse, and a
+    layer's next, larger tensors do not fit in them: without this, growing the buffer added its old size to RSS)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
 
 @functools.cache
 def _buffer_layer_class():
