@@ -111,8 +111,6 @@ def child_evaluation(claims: int, kind: str):
     in full, and, set by the parent, OpenMP threads that sleep at once: OMP_WAIT_POLICY=PASSIVE, GOMP_SPINCOUNT=0).
     ``kind="now"``: on the engine as it is (prefix cache, packed weights where they are used).
     """
-    import resource
-
     from helpers import evaluation
     from helpers.research_hop import ResearchHop
 
@@ -120,10 +118,16 @@ def child_evaluation(claims: int, kind: str):
     engine.reference = kind == "found"
     report = evaluation.run_eval(ResearchHop(4, 2, search), dev[:claims], profile.eval_threads)
     print("child:", json.dumps({"seconds": report.seconds, "recall": list(report.per_claim["recall"]),
-                                "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                                "peak_mb": _own_peak_mb(),
                                 "cache_mb": engine.prefix_cache.stats.megabytes,
                                 "packed_mb": engine.packed.bytes / 2**20 if engine.packed else 0.0,
                                 "loaded_from": engine.load_info.source}))
+
+
+def _own_peak_mb() -> float:
+    """This process's peak RSS (VmHWM; ``ru_maxrss`` would keep the parent's peak from before the exec)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 def run_child(claims: int, kind: str) -> dict:

@@ -76,12 +76,15 @@ def test_columns_no_row_uses_are_dropped():
 
 
 GROWTH_SCRIPT = r"""
-import resource, threading, torch
+import threading, torch
 from helpers.kv_buffer import KVBuffer
 
+def status_mb(field):  # VmRSS now, VmHWM the peak: this process's own (ru_maxrss keeps the forking parent's peak)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
 def rss_mb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 2**20
+    return status_mb("VmRSS")
 
 layers, heads, dim, length = 30, 3, 64, 300  # SmolLM2-135M's attention states, fp32
 row = [(torch.ones(1, heads, length, dim), torch.ones(1, heads, length, dim)) for _ in range(layers)]
@@ -105,7 +108,7 @@ worker = threading.Thread(target=serve)
 worker.start()
 worker.join()
 final = sum(k.nbytes + v.nbytes for k, v in buffer.layers + [s for row in kept for s in row]) / 2**20
-print(final, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - start)
+print(final, status_mb("VmHWM") - start)
 """
 
 
