@@ -125,9 +125,16 @@ def child_evaluation(claims: int, kind: str):
 
 
 def _own_peak_mb() -> float:
-    """This process's peak RSS (VmHWM; ``ru_maxrss`` would keep the parent's peak from before the exec)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    """This process's peak RSS (VmHWM; ``ru_maxrss`` would keep the parent's peak from before the exec; it is the
+    fallback where there is no /proc, in bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def run_child(claims: int, kind: str) -> dict:

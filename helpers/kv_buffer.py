@@ -5,7 +5,9 @@ every row's latest token sits in column ``width - 1`` and a decode step writes o
 (``DynamicCache`` copied the whole cache with ``torch.cat`` at every step: a quarter of a 16-row step). Columns left
 of a row's ``starts[slot]`` are not its own and are masked out. Slot ``i`` holds row ``i`` of the batch.
 
-The model sees the buffer through ``cache``: a ``DynamicCache`` whose layers write into these tensors.
+The model sees the buffer through ``cache``: a ``DynamicCache`` whose layers write into these tensors. Growing it
+replaces one layer's tensors at a time and gives the freed pages back to the system (``_reserve``): at 16 rows the old
+and new tensors together had been the engine's memory peak.
 """
 
 import functools
@@ -133,12 +135,12 @@ class KVBuffer:
 
 @functools.cache
 def _malloc_trim():
-    """glibc's ``malloc_trim`` (None elsewhere: macOS, musl)."""
+    """glibc's ``malloc_trim`` (None elsewhere: macOS and musl lack it, Windows has no ``CDLL(None)``)."""
     import ctypes
 
     try:
         return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):
         return None
 
 
