@@ -35,7 +35,7 @@ from helpers import bootstrap  # noqa: E402
 
 bootstrap.configure_threads()
 
-from helpers import local_lm  # noqa: E402
+from helpers import local_lm, timing  # noqa: E402
 
 
 def main():
@@ -127,14 +127,13 @@ def child_evaluation(claims: int, kind: str):
 def _own_peak_mb() -> float:
     """This process's peak RSS (VmHWM; ``ru_maxrss`` would keep the parent's peak from before the exec; it is the
     fallback where there is no /proc, in bytes on macOS)."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
-    except (OSError, StopIteration):
+    peak = timing.process_memory_mb("VmHWM")
+    if peak is None:
         import resource
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+        peak = peak / 2**20 if sys.platform == "darwin" else peak / 1024
+    return peak
 
 
 def run_child(claims: int, kind: str) -> dict:

@@ -20,23 +20,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from helpers.timing import process_memory_mb  # noqa: E402
+
 TARGETS = {"build": 0.5, "query_single": 0.3, "build_memory": 1.0}
 RELOAD_TARGET_S = 1.0
 
 
 def _rss_mb(who=resource.RUSAGE_SELF) -> float:
     return resource.getrusage(who).ru_maxrss / 1024
-
-
-def _status_mb(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 class PhasePeaks:
@@ -46,7 +37,7 @@ class PhasePeaks:
         import gc
 
         gc.collect()
-        self.base = _status_mb("VmRSS") or _rss_mb()
+        self.base = process_memory_mb("VmRSS") or _rss_mb()
         self.peaks: dict[str, float] = {}
         self.highest = 0.0  # absolute, over all phases
         self.resettable = self._reset()
@@ -56,12 +47,12 @@ class PhasePeaks:
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
-            return _status_mb("VmHWM") is not None
+            return process_memory_mb("VmHWM") is not None
         except OSError:
             return False
 
     def end(self, phase: str) -> None:
-        peak = _status_mb("VmHWM") if self.resettable else None
+        peak = process_memory_mb("VmHWM") if self.resettable else None
         peak = peak if peak is not None else _rss_mb()
         self.peaks[phase] = peak - self.base
         self.highest = max(self.highest, peak)

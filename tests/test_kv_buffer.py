@@ -83,17 +83,11 @@ def test_columns_no_row_uses_are_dropped():
 GROWTH_SCRIPT = r"""
 import threading, torch
 from helpers.kv_buffer import KVBuffer
-
-def status_mb(field):  # VmRSS now, VmHWM the peak: this process's own (ru_maxrss keeps the forking parent's peak)
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
-
-def rss_mb():
-    return status_mb("VmRSS")
+from helpers.timing import process_memory_mb
 
 layers, heads, dim, length = 30, 3, 64, 300  # SmolLM2-135M's attention states, fp32
 row = [(torch.ones(1, heads, length, dim), torch.ones(1, heads, length, dim)) for _ in range(layers)]
-start = rss_mb()
+start = process_memory_mb("VmRSS")
 buffer = KVBuffer()
 kept = []  # copies of a row, kept as the prefix cache keeps rows that left: blocks allocated after the buffer's
 
@@ -113,7 +107,7 @@ worker = threading.Thread(target=serve)
 worker.start()
 worker.join()
 final = sum(k.nbytes + v.nbytes for k, v in buffer.layers + [s for row in kept for s in row]) / 2**20
-print(final, status_mb("VmHWM") - start)
+print(final, process_memory_mb("VmHWM") - start)
 """
 
 
@@ -122,7 +116,7 @@ def test_growing_the_buffer_never_holds_the_old_and_the_new_tensors_whole():
     """Growing replaces one layer at a time: at the peak, the buffer's final size plus a layer's old tensors.
 
     Copying all layers before dropping the old ones held both buffers at once: at 16 rows, 341 MB + 427 MB in the
-    24-claim evaluation, the peak of the engine's memory (benchmarks/RESULTS.md, session 18). Measured here: 780 MB
+    24-claim evaluation, the peak of the engine's memory (benchmarks/RESULTS.md, session 18). Measured here: 858 MB
     over the start then, 512 MB now, for a 456 MB buffer and copies.
     """
     out = subprocess.run([sys.executable, "-c", GROWTH_SCRIPT], cwd=Path(__file__).resolve().parents[1],
