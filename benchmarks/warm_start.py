@@ -33,8 +33,11 @@ def main():
 
     import dspy
 
-    from helpers import adapter_choice, evaluation, hover, lm_setup, retrieval, sources, warm_start
-    from helpers.research_hop import ResearchHop
+    from helpers.data import hover, sources
+    from helpers.program import adapter_choice, evaluation, lm_setup
+    from helpers.program.research_hop import ResearchHop
+    from helpers.rl import warm_start
+    from helpers.search import retrieval
 
     sources.prepare(profile)
     search = retrieval.load_search(profile)

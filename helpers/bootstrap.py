@@ -5,18 +5,8 @@ import os
 import sys
 import warnings
 
-from helpers.profiles import Profile, get_profile
-
-
-# torch's OpenMP threads wait for the next parallel region by spinning a bounded while, then sleep. Measured on
-# a 12-claim evaluation (2 cores): sleeping at once (PASSIVE) 47 s, spinning for ever (ACTIVE) 53 s, bounded 31 s.
-THREAD_WAITING = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "200000"}
-
-
-def configure_threads() -> None:
-    """Set how torch's threads wait (``THREAD_WAITING``); it only counts before torch is imported."""
-    for name, value in THREAD_WAITING.items():
-        os.environ.setdefault(name, value)
+from helpers.engine.threads import configure_threads
+from helpers.profiles import display_path, get_profile, Profile
 
 
 def configure_environment(profile: Profile) -> None:
@@ -48,23 +38,6 @@ def start(name: str | None = None) -> Profile:
     where = "Colab" if "google.colab" in sys.modules else "local"
     print(f"rl-multihop · profile {profile.name!r} ({profile.summary}) · {where} · cache {display_path(profile.cache_dir)}")
     return profile
-
-
-def display_path(path) -> str:
-    """``path`` as printed in notebooks: relative to the working folder inside the checkout, ``~/...`` under home.
-
-    Stored outputs then show no machine-specific folder (a kernel starts in ``notebooks/``: ``../cache/mini``).
-    """
-    from pathlib import Path
-
-    from helpers.profiles import REPO_ROOT
-
-    path, here = Path(path).resolve(), Path.cwd().resolve()
-    if path.is_relative_to(REPO_ROOT) and here.is_relative_to(REPO_ROOT):
-        return os.path.relpath(path, here)
-    if path.is_relative_to(Path.home()):
-        return "~/" + str(path.relative_to(Path.home()))
-    return str(path)
 
 
 LIBRARIES = ("dspy", "litellm", "bm25s", "PyStemmer", "datasets", "transformers", "peft", "torch", "jax", "numba")
@@ -100,8 +73,8 @@ def profile_settings(profile: Profile) -> dict:
 
 def check_cache_writable(profile: Profile) -> str:
     """Write, read back and delete a probe file in the cache; raise a one-line error if that fails."""
-    from helpers import atomic
-    from helpers.errors import TutorialError
+    from helpers.util import atomic
+    from helpers.util.errors import TutorialError
 
     probe = profile.cache_dir / ".write-probe"
     try:

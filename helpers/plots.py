@@ -7,7 +7,7 @@ import matplotlib.pyplot as plt
 
 def hover_overview(raw, filtered):
     """Two bar charts: claims per hop count (all rows), and how many gold pages each kept claim does not name."""
-    from helpers.metrics import hidden_titles
+    from helpers.program.metrics import hidden_titles
 
     hops = Counter(int(x["num_hops"]) for x in raw)
     hidden = Counter(len(hidden_titles(x)) for x in filtered)
@@ -54,7 +54,7 @@ def training_curve(curve):
                   label="share of groups with a reward spread")
     left.set(title="rollouts per GRPO step", xlabel="step")
     left.legend(fontsize=7)
-    measured = curve["dev_recall"].dropna() if "dev_recall" in curve else curve.index[:0]
+    measured = curve["held_back_recall"].dropna() if "held_back_recall" in curve else curve.index[:0]
     if len(measured):
         right.plot(measured.index, measured.values, marker="o", color="#55a868", label="held-back train claims")
         right.axhline(measured.iloc[0], color="#999999", linestyle="--", label="untrained (step 0)")

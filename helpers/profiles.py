@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from helpers.errors import TutorialError
+from helpers.util.errors import TutorialError
 
 PROFILE_ENV = "RLMH_PROFILE"
 CACHE_ENV = "RLMH_CACHE_DIR"
@@ -54,7 +54,7 @@ class Profile:
     adapter: str = "ChatAdapter"  # used until 04 has measured and saved a choice
     lm: LMSettings = None
     grpo_preset: str = "mini"
-    warm_start: bool = False  # 06 runs helpers/warm_start.py (a teacher written for the mini world) before GRPO
+    warm_start: bool = False  # 06 runs helpers/rl/warm_start.py (a teacher written for the mini world) before GRPO
     seed: int = 0
 
     @property
@@ -166,3 +166,16 @@ def get_profile(name: str | None = None) -> Profile:
         valid = ", ".join(sorted(PROFILES))
         raise TutorialError(f"unknown profile {name!r} in {PROFILE_ENV}: choose one of {valid}")
     return PROFILES[name]()
+
+
+def display_path(path) -> str:
+    """``path`` as printed in notebooks: relative to the working folder inside the checkout, ``~/...`` under home.
+
+    Stored outputs then show no machine-specific folder (a kernel starts in ``notebooks/``: ``../cache/mini``).
+    """
+    path, here = Path(path).resolve(), Path.cwd().resolve()
+    if path.is_relative_to(REPO_ROOT) and here.is_relative_to(REPO_ROOT):
+        return os.path.relpath(path, here)
+    if path.is_relative_to(Path.home()):
+        return "~/" + str(path.relative_to(Path.home()))
+    return str(path)

@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from helpers import bootstrap, mini_world, profiles
+from helpers import bootstrap, profiles
+from helpers.data import mini_world
 
 bootstrap.configure_threads()  # before any test module imports torch
 
@@ -34,3 +35,10 @@ def mini_cache(tmp_path_factory):
 def mini_profile(mini_cache, monkeypatch):
     monkeypatch.setenv(profiles.CACHE_ENV, str(mini_cache.cache_dir.parent))
     return profiles.get_profile("mini")
+
+
+def pytest_collection_modifyitems(items):
+    """Notebooks under nbval are `slow` (`make test-fast` leaves them out; `make test` runs everything)."""
+    for item in items:
+        if item.path.suffix == ".ipynb":
+            item.add_marker(pytest.mark.slow)

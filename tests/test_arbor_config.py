@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import arbor_config
-from helpers.errors import TutorialError
+from helpers.rl import arbor_config
+from helpers.util.errors import TutorialError
 
 ROOT = Path(__file__).resolve().parents[1]
 

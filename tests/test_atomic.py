@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import atomic
+from helpers.util import atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def _killed_while_writing(target: Path, kind: str):
     """A real process that dies (SIGKILL) inside an atomic write of ``target``."""
     body = "(tmp / 'part').write_text('half')" if kind == "dir" else "tmp.write_text('half')"
     opener = "atomic_dir(target)" if kind == "dir" else "atomic_path(target)"
-    script = (f"import os, signal\nfrom pathlib import Path\nfrom helpers import atomic\ntarget = Path({str(target)!r})\n"
+    script = (f"import os, signal\nfrom pathlib import Path\nfrom helpers.util import atomic\ntarget = Path({str(target)!r})\n"
               f"with atomic.{opener} as tmp:\n    {body}\n    os.kill(os.getpid(), signal.SIGKILL)\n")
     run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, timeout=120)
     assert run.returncode == -9, run.stderr

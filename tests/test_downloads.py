@@ -5,8 +5,8 @@ import tarfile
 
 import pytest
 
-from helpers import downloads
-from helpers.errors import TutorialError
+from helpers.data import downloads
+from helpers.util.errors import TutorialError
 from tests.fileserver import FileServer
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
@@ -267,7 +267,7 @@ def test_tar_without_end_marker_is_refused(tmp_path):
 
 
 def test_single_bit_flips_never_give_a_silently_wrong_jsonl(mini_cache, tmp_path):
-    from helpers import mini_world
+    from helpers.data import mini_world
 
     good = (mini_cache.source_dir / mini_world.CORPUS_ARCHIVE).read_bytes()
     expected = downloads.extract_member(mini_cache.source_dir / mini_world.CORPUS_ARCHIVE,

@@ -7,10 +7,18 @@ import dspy
 import pytest
 import torch
 
-from helpers import bootstrap, grpo_presets, grpo_training, hover, lm_setup, local_lm, lora_policy, metrics, retrieval
-from helpers.errors import TutorialError
-from helpers.guided_adapter import GuidedChatAdapter
-from helpers.research_hop import ResearchHop, SeedPatternResearchHop, traced_notes
+from helpers import bootstrap
+from helpers.backend import lora_policy
+from helpers.data import hover
+from helpers.engine import local_lm
+from helpers.program import lm_setup, metrics
+from helpers.program.guided_adapter import GuidedChatAdapter
+from helpers.program.research_hop import ResearchHop, SeedPatternResearchHop, traced_notes
+from helpers.rl import grpo_presets, grpo_training
+from helpers.search import retrieval
+from helpers.util.errors import TutorialError
+
+pytestmark = pytest.mark.model  # make test-fast leaves these out
 
 MESSAGES = [{"role": "system", "content": "Answer with one word."}, {"role": "user", "content": "Name a colour of the sky."}]
 
@@ -298,7 +306,7 @@ def test_unknown_preset_untrainable_lm_and_arbor_with_the_embedded_lm_fail_in_on
 
 
 def test_arbor_config_warns_on_obsolete_gpu_ids(tmp_path):
-    from helpers import arbor_config
+    from helpers.rl import arbor_config
 
     assert set(arbor_config.read(grpo_training.Path(__file__).parents[1] / "arbor.yaml")) == arbor_config.KNOWN
     old = tmp_path / "old.yaml"

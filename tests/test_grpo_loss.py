@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from helpers import grpo_loss
+from helpers.backend import grpo_loss
 
 E = math.exp
 

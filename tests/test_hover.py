@@ -3,8 +3,9 @@ import shutil
 
 import pytest
 
-from helpers import hover, mini_world, profiles
-from helpers.errors import TutorialError
+from helpers import profiles
+from helpers.data import hover, mini_world
+from helpers.util.errors import TutorialError
 
 
 def test_seed_splits(mini_profile):

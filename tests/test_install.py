@@ -111,6 +111,7 @@ def _build(into: Path) -> Path:
     return wheel
 
 
+@pytest.mark.slow  # builds an sdist and a wheel, installs it
 def test_wheel_ships_arbor_yaml_and_default_path_finds_it(tmp_path):
     wheel = _build(tmp_path)
     with zipfile.ZipFile(wheel) as zf:
@@ -120,7 +121,7 @@ def test_wheel_ships_arbor_yaml_and_default_path_finds_it(tmp_path):
     assert f"Project-URL: Repository, {PYPROJECT['urls']['Repository']}" in metadata
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)], check=True)
-    probe = ("from helpers import arbor_config; p = arbor_config.default_path(); "
+    probe = ("from helpers.rl import arbor_config; p = arbor_config.default_path(); "
              "print(p); print(sorted(arbor_config.read(p)))")
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)},
                          check=True, capture_output=True, text=True).stdout.splitlines()
@@ -128,7 +129,7 @@ def test_wheel_ships_arbor_yaml_and_default_path_finds_it(tmp_path):
 
 
 def test_default_path_in_a_checkout_is_the_top_level_file():
-    from helpers import arbor_config
+    from helpers.rl import arbor_config
 
     assert arbor_config.default_path() == ROOT / "arbor.yaml"
     assert (ROOT / "helpers" / "arbor.yaml").resolve() == ROOT / "arbor.yaml"
@@ -175,6 +176,7 @@ def built_wheel(tmp_path_factory):
     return _build(tmp_path_factory.mktemp("colab-build"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("RLMH_COLAB_CHECK"), reason="slow (fresh venvs, downloads): `make colab-check`")
 @pytest.mark.parametrize("version", ["3.12", "3.13"])
 def test_colab_check(version, built_wheel):
@@ -213,7 +215,7 @@ def test_colab_check(version, built_wheel):
     for path in NOTEBOOKS[:3]:
         shutil.copy2(path, notebooks / path.name)
     step = time.perf_counter()
-    _run([py, "-m", "helpers.run_notebooks", "--notebooks", notebooks, "--out", work / "executed"], log, cwd=work, env=env)
+    _run([py, "-m", "helpers.tools.run_notebooks", "--notebooks", notebooks, "--out", work / "executed"], log, cwd=work, env=env)
     times["notebooks 01-03"] = time.perf_counter() - step
     times["total"] = time.perf_counter() - start
     pins = _constraints()

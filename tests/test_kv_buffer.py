@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.kv_buffer import KVBuffer
+from helpers.engine.kv_buffer import KVBuffer
 
 LAYERS, HEADS, DIM = 2, 3, 4
 
@@ -82,8 +82,8 @@ def test_columns_no_row_uses_are_dropped():
 
 GROWTH_SCRIPT = r"""
 import threading, torch
-from helpers.kv_buffer import KVBuffer
-from helpers.timing import process_memory_mb
+from helpers.engine.kv_buffer import KVBuffer
+from helpers.util.timing import process_memory_mb
 
 layers, heads, dim, length = 30, 3, 64, 300  # SmolLM2-135M's attention states, fp32
 row = [(torch.ones(1, heads, length, dim), torch.ones(1, heads, length, dim)) for _ in range(layers)]
@@ -112,11 +112,12 @@ print(final, process_memory_mb("VmHWM") - start)
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the peak from /proc (Linux)")
+@pytest.mark.slow  # a child process loads torch and a model-sized buffer
 def test_growing_the_buffer_never_holds_the_old_and_the_new_tensors_whole():
     """Growing replaces one layer at a time: at the peak, the buffer's final size plus a layer's old tensors.
 
     Copying all layers before dropping the old ones held both buffers at once: at 16 rows, 341 MB + 427 MB in the
-    24-claim evaluation, the peak of the engine's memory (benchmarks/RESULTS.md, session 18). Measured here: 858 MB
+    24-claim evaluation, the peak of the engine's memory (benchmarks/RESULTS.md#memory). Measured here: 858 MB
     over the start then, 512 MB now, for a 456 MB buffer and copies.
     """
     out = subprocess.run([sys.executable, "-c", GROWTH_SCRIPT], cwd=Path(__file__).resolve().parents[1],

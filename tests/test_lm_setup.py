@@ -4,8 +4,9 @@ import socket
 
 import pytest
 
-from helpers import lm_setup, profiles
-from helpers.errors import TutorialError
+from helpers import profiles
+from helpers.program import lm_setup
+from helpers.util.errors import TutorialError
 from tests.fileserver import FileServer
 
 

@@ -7,9 +7,14 @@ from concurrent.futures import ThreadPoolExecutor
 import dspy
 import pytest
 
-from helpers import hover, lm_setup, local_lm, metrics, retrieval
-from helpers.errors import TutorialError
-from helpers.research_hop import ResearchHop
+from helpers.data import hover
+from helpers.engine import local_lm
+from helpers.program import lm_setup, metrics
+from helpers.program.research_hop import ResearchHop
+from helpers.search import retrieval
+from helpers.util.errors import TutorialError
+
+pytestmark = pytest.mark.model  # make test-fast leaves these out
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +119,7 @@ def test_grouped_attention_is_bitwise_sdpa_and_the_engine_uses_it(engine):
     over cached states (and training's gradients, which it leaves to sdpa); the engine's calls use it, its reference not."""
     import torch
 
-    from helpers import grouped_attention
+    from helpers.engine import grouped_attention
 
     model, tok = engine.model, engine.tokenizer
     ids = torch.tensor([local_lm.prompt_ids(tok, _conversations()[0])])
@@ -231,8 +236,8 @@ def test_weight_change_clears_the_cache(engine):
 
 @pytest.fixture
 def packing(engine):
-    """The engine with packed weights forced on (whatever this CPU's default), then as it was."""
-    from helpers import weight_packing
+    """The engine with packed weights forced on (whatever this CPU's default), then back to the default."""
+    from helpers.engine import weight_packing
 
     if not weight_packing.available():
         pytest.skip("oneDNN cannot reorder linear weights on this machine")
@@ -268,7 +273,7 @@ def test_packed_weights_follow_a_weight_change(packing):
 def test_a_lora_change_keeps_the_packed_copies_and_is_followed(packing):
     import torch
 
-    from helpers import lora_policy
+    from helpers.backend import lora_policy
 
     engine, greedy = packing, local_lm.Sampling(0.0, 1.0, 0, 6)
     before = engine.generate([MOUNTAIN], greedy)
@@ -296,7 +301,7 @@ def test_a_lora_change_keeps_the_packed_copies_and_is_followed(packing):
 def test_a_lora_that_rewrites_the_base_weights_drops_the_packed_copies(packing):
     import torch
 
-    from helpers import lora_policy
+    from helpers.backend import lora_policy
 
     engine, greedy = packing, local_lm.Sampling(0.0, 1.0, 0, 6)
     before = engine.generate([MOUNTAIN], greedy)  # packed copies in place
@@ -339,7 +344,7 @@ def test_packed_layers_use_the_weights_themselves_when_gradients_are_on(packing)
 def test_a_pack_that_fails_halfway_leaves_no_layer_patched(packing, monkeypatch):
     import torch
 
-    from helpers import weight_packing
+    from helpers.engine import weight_packing
 
     engine = packing
     engine.weights_changed()  # no copies in place: any layer patched below would be this failed pack's
@@ -368,7 +373,7 @@ def _error_of(call) -> str:
 def test_a_failing_pack_fails_the_waiting_calls_instead_of_hanging_them(packing, lm, monkeypatch):
     import threading
 
-    from helpers import weight_packing
+    from helpers.engine import weight_packing
 
     engine = packing
     engine.weights_changed()  # no copies: the next call packs
@@ -387,7 +392,7 @@ def test_a_failing_pack_fails_the_waiting_calls_instead_of_hanging_them(packing,
 
 
 def test_packed_weights_where_onednn_cannot_is_one_line(monkeypatch):
-    from helpers import weight_packing
+    from helpers.engine import weight_packing
 
     monkeypatch.setattr(weight_packing, "available", lambda: False)
     with pytest.raises(TutorialError, match="packed_weights=True needs oneDNN"):
@@ -443,7 +448,7 @@ def test_rows_that_join_and_leave_a_running_batch_decode_as_model_generate_alone
     moves into its slot), unused columns are dropped; every row's greedy text is ``model.generate``'s for it alone."""
     import torch
 
-    from helpers import decoding
+    from helpers.engine import decoding
 
     tok = engine.tokenizer
     prompts = {"short": "Name a bird.",

@@ -1,7 +1,7 @@
 import dspy
 import pytest
 
-from helpers import metrics
+from helpers.program import metrics
 
 
 def _recall(titles, docs):
@@ -48,7 +48,8 @@ def test_ranked_recall_credits_gold_pages_just_below_the_cut():
 
 
 def test_ranked_recall_on_the_mini_world_stays_below_the_next_found_page(mini_cache):
-    from helpers import hover, retrieval
+    from helpers.data import hover
+    from helpers.search import retrieval
 
     search = retrieval.load_search(mini_cache)
     reward = metrics.ranked_recall(search)
@@ -86,7 +87,7 @@ def test_hidden_recall_counts_only_hidden_titles():
 
 
 def test_every_mini_dev_claim_hides_a_gold_page(mini_cache):
-    from helpers import hover
+    from helpers.data import hover
 
     _, devset, _ = hover.seed_splits(mini_cache)
     dev = devset[:300]

@@ -5,7 +5,10 @@ from collections import Counter
 import dspy
 from datasets import load_dataset
 
-from helpers import downloads, hover, metrics, mini_world, profiles, retrieval
+from helpers import profiles
+from helpers.data import downloads, hover, mini_world
+from helpers.program import metrics
+from helpers.search import retrieval
 
 
 def test_same_seed_same_bytes(tmp_path, mini_cache):
@@ -60,7 +63,7 @@ def test_hover_parquet_loads_with_datasets(mini_cache):
 
 def test_claim_only_recall_leaves_room_for_a_second_hop(world, tmp_path):
     corpus = [f"{p.title} | {' '.join(p.text)}" for p in world.pages]
-    search = retrieval.build_index(corpus, tmp_path / "index", "test")
+    search = retrieval.Search(retrieval.build_index(corpus, tmp_path / "index", "test"))
     filtered = hover.three_hop_unique([dspy.Example(**r) for r in world.claims["train"]])
     random.Random(0).shuffle(filtered)
     dev = filtered[600:900]
@@ -72,7 +75,7 @@ def test_claim_only_recall_leaves_room_for_a_second_hop(world, tmp_path):
 
 
 def test_damaged_published_source_is_rewritten_not_looped_on(tmp_path, monkeypatch):
-    from helpers import sources
+    from helpers.data import sources
 
     monkeypatch.setenv(profiles.CACHE_ENV, str(tmp_path))
     profile = profiles.get_profile("mini")

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from helpers import bootstrap, profiles
-from helpers.errors import TutorialError
+from helpers.util.errors import TutorialError
 
 
 def test_default_is_mini(monkeypatch):

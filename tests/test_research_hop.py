@@ -7,10 +7,15 @@ import re
 import dspy
 import pytest
 
-from helpers import adapter_choice, evaluation, hover, lm_setup, local_lm, retrieval
-from helpers.errors import TutorialError
-from helpers.guided_adapter import GuidedChatAdapter
-from helpers.research_hop import ResearchHop, walkthrough
+from helpers.data import hover
+from helpers.engine import local_lm
+from helpers.program import adapter_choice, evaluation, lm_setup
+from helpers.program.guided_adapter import GuidedChatAdapter
+from helpers.program.research_hop import ResearchHop, walkthrough
+from helpers.search import retrieval
+from helpers.util.errors import TutorialError
+
+pytestmark = pytest.mark.model  # make test-fast leaves these out
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,9 @@ from pathlib import Path
 import pytest
 import Stemmer
 
-from helpers import corpus, fast_index, hover, retrieval, seed_bm25, sources
-from helpers.errors import TutorialError
+from helpers.data import corpus, hover, sources
+from helpers.search import fast_index, retrieval, seed_bm25
+from helpers.util.errors import TutorialError
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,7 @@ def test_search_returns_what_the_seed_function_returns(abstracts, seed_retriever
         for search in (ours, reloaded):
             docs, scores = search.top_k(query, 8)
             assert docs.tolist() == seed_docs.tolist() and scores.tolist() == seed_scores.tolist(), query
-        assert ours(query, 4) == [abstracts[d] for d in seed_docs[:4]]
+        assert retrieval.Search(ours)(query, 4) == [abstracts[d] for d in seed_docs[:4]]
 
 
 def test_stale_or_damaged_index_is_refused(abstracts, tmp_path):
@@ -121,8 +122,8 @@ def test_load_search_rebuilds_a_damaged_cache(mini_profile, capsys):
     assert "is damaged" in capsys.readouterr().out
     assert again("painting acquired by a gallery", 3) == first("painting acquired by a gallery", 3)
     reloaded = retrieval.load_index(mini_profile.index_dir, retrieval.fingerprint(mini_profile))
-    assert len(reloaded) == len(first) == 20_340
-    assert reloaded("painting acquired by a gallery", 3) == first("painting acquired by a gallery", 3)
+    assert len(reloaded) == len(first.index) == 20_340
+    assert retrieval.Search(reloaded)("painting acquired by a gallery", 3) == first("painting acquired by a gallery", 3)
 
 
 def test_failed_build_leaves_previous_index_intact(abstracts, tmp_path, monkeypatch):
@@ -144,7 +145,7 @@ def test_identical_abstracts_collapse_as_in_the_seed(tmp_path):
     search = retrieval.build_index(docs, tmp_path / "idx", "fp")
     seed_docs, _ = seed_bm25.search(seed_bm25.build(docs), search.stemmer, "river harbor", 2)
     assert seed_docs.tolist() == search.top_k("river harbor", 2)[0].tolist() == [0, 1]
-    assert search("river harbor", 2) == ["Alpha | river town harbor"]
+    assert retrieval.Search(search)("river harbor", 2) == ["Alpha | river town harbor"]
 
 
 # --- round 2: bad inputs never crash the kernel or load a damaged index ----------------------------------------
@@ -154,9 +155,10 @@ DOCS = ["Alpha | river town harbor", "Beta | mountain pass river", "Gamma | harb
 
 @pytest.fixture
 def small(tmp_path):
-    return retrieval.build_index(DOCS, tmp_path / "idx", "fp"), tmp_path / "idx"
+    return retrieval.Search(retrieval.build_index(DOCS, tmp_path / "idx", "fp")), tmp_path / "idx"
 
 
+@pytest.mark.slow  # four child processes
 def test_k_zero_returns_nothing_and_never_crashes(mini_profile):
     """``search(q, 0)`` read past an empty array in the compiled top-k loop: a segfault about half the time."""
     import subprocess
@@ -164,10 +166,10 @@ def test_k_zero_returns_nothing_and_never_crashes(mini_profile):
 
     retrieval.load_search(mini_profile)
     script = (
-        "from helpers import profiles, retrieval\n"
+        "from helpers import profiles\nfrom helpers.search import retrieval\n"
         "s = retrieval.load_search(profiles.get_profile('mini'))\n"
         "claims = ['film director born in a port town', 'painting acquired by a gallery', 'river'] * 100\n"
-        "print(sum(len(s(q, 0)) + len(s.top_k(q, 0)[0]) for q in claims))\n")
+        "print(sum(len(s(q, 0)) + len(s.index.top_k(q, 0)[0]) for q in claims))\n")
     # what the empty array reads is decided once per process, so try a few processes
     runs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              cwd=Path(__file__).parents[1]) for _ in range(4)]
@@ -257,7 +259,7 @@ def test_a_killed_index_save_leaves_nothing_once_the_index_is_loaded(tmp_path):
 
     folder = tmp_path / "idx"
     retrieval.build_index(DOCS, folder, "fp")
-    script = ("import os, signal\nfrom pathlib import Path\nfrom helpers import retrieval\n"
+    script = ("import os, signal\nfrom pathlib import Path\nfrom helpers.search import retrieval\n"
               "retrieval.DocStore.write = staticmethod(lambda *a: os.kill(os.getpid(), signal.SIGKILL))\n"
               f"retrieval.build_index({DOCS!r}, Path({str(folder)!r}), 'fp')\n")
     run = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1], capture_output=True, timeout=300)

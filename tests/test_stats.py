@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from helpers import stats
-from helpers.errors import TutorialError
+from helpers.util import stats
+from helpers.util.errors import TutorialError
 
 
 def test_identical_scores_give_a_zero_interval():

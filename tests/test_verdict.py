@@ -4,7 +4,8 @@ from types import SimpleNamespace
 
 import pandas as pd
 
-from helpers import evaluation, grpo_training
+from helpers.program import evaluation
+from helpers.rl import grpo_training
 
 
 def report(recalls, hidden):

@@ -4,10 +4,17 @@ import dspy
 import pytest
 import torch
 
-from helpers import decoding, hover, lm_setup, local_lm, lora_policy, metrics, retrieval, warm_start
-from helpers.errors import TutorialError
-from helpers.guided_adapter import GuidedChatAdapter
-from helpers.research_hop import ResearchHop
+from helpers.backend import lora_policy
+from helpers.data import hover
+from helpers.engine import decoding, local_lm
+from helpers.program import lm_setup, metrics
+from helpers.program.guided_adapter import GuidedChatAdapter
+from helpers.program.research_hop import ResearchHop
+from helpers.rl import warm_start
+from helpers.search import retrieval
+from helpers.util.errors import TutorialError
+
+pytestmark = pytest.mark.model  # make test-fast leaves these out
 
 CLAIM = "The Forest of Velvet Shadows's director was born in the same town that is home to Endless Ember Pictures."
 DOCS = [

@@ -1,0 +1,111 @@
+"""Which LM the notebooks talk to, per profile (introduced in 04_research_hop).
+
+* mini: the embedded SmolLM2-135M-Instruct (``helpers.engine.local_lm``), a real ``dspy.LM``.
+* full: Qwen behind an Arbor server, built exactly like the seed's current form.
+* any profile, evaluation only: an OpenAI-compatible endpoint named by ``RLMH_OPENAI_BASE_URL``,
+  ``RLMH_OPENAI_MODEL`` and ``RLMH_OPENAI_API_KEY`` (set ``RLMH_LM=openai``).
+
+Servers are probed before anything long starts, so a wrong URL fails in one line.
+"""
+
+import http.client
+import os
+import urllib.error
+import urllib.request
+
+import dspy
+
+from helpers.engine import local_lm
+from helpers.profiles import ARBOR_URL_ENV, DEFAULT_ARBOR_URL, Profile
+from helpers.util.errors import TutorialError
+
+LM_ENV = "RLMH_LM"
+
+
+def embedded_engine(profile: Profile) -> local_lm.BatchingEngine:
+    """The in-process SmolLM2 engine, loaded once per process (converted GGUF cached in the profile)."""
+    engine = local_lm.live_engine(local_lm.MODEL_NAME)
+    if engine is None:
+        model, tokenizer, info = local_lm.load_model(profile.cache_dir)
+        engine = local_lm.register(local_lm.BatchingEngine(model, tokenizer, max_batch=16, load_info=info))
+    return engine
+
+
+def check_reachable(api_base: str, what: str, timeout: float = 3.0, setting: str = "") -> None:
+    """GET ``{api_base}models``; raise a one-line TutorialError if nothing (or no HTTP server) answers.
+
+    ``setting``: the environment variable that sets ``api_base``, named in the message.
+    """
+    hint = f" (set {setting})" if setting else ""
+    if not api_base.endswith("/v1/"):
+        raise TutorialError(f"{what} api_base {api_base!r} must end in /v1/{hint}")
+    try:
+        urllib.request.urlopen(api_base + "models", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # something answered: good enough, the LM call will report auth or model errors
+    except http.client.HTTPException as exc:  # BadStatusLine and friends: something listens, but not HTTP
+        raise TutorialError(f"{what} at {api_base} is not an HTTP server ({type(exc).__name__}: {str(exc)[:60]!r}): "
+                            f"check the port{hint}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise TutorialError(f"{what} at {api_base} is unreachable ({getattr(exc, 'reason', exc)}): start it first, or check the URL{hint}") from None
+
+
+def arbor_lm(profile: Profile) -> dspy.LM:
+    """Qwen through Arbor, as the seed builds it (needs NVIDIA GPUs and ``pip install arbor-ai``)."""
+    settings = profile.lm
+    api_base = settings.api_base if settings.kind == "arbor" else (os.environ.get(ARBOR_URL_ENV, "").strip() or DEFAULT_ARBOR_URL)
+    check_reachable(api_base, "the Arbor server", setting=ARBOR_URL_ENV)
+    try:
+        from arbor import ArborProvider
+    except ImportError:
+        raise TutorialError("Arbor is not installed: `pip install arbor-ai` on a machine with NVIDIA GPUs, or use RLMH_PROFILE=mini") from None
+    return dspy.LM(
+        model=f"openai/arbor:{settings.model}",
+        provider=ArborProvider(),
+        api_base=api_base,
+        api_key="arbor",
+        temperature=settings.temperature,
+        top_p=1.0,
+        top_k=-1,
+        repetition_penalty=1.0,
+        max_tokens=settings.max_tokens,
+    )
+
+
+def openai_compatible_lm() -> dspy.LM:
+    """Any OpenAI-compatible endpoint, for evaluation only (it cannot be trained with GRPO)."""
+    base = os.environ.get("RLMH_OPENAI_BASE_URL", "")
+    model = os.environ.get("RLMH_OPENAI_MODEL", "")
+    key = os.environ.get("RLMH_OPENAI_API_KEY", "")
+    missing = [n for n, v in [("RLMH_OPENAI_BASE_URL", base), ("RLMH_OPENAI_MODEL", model), ("RLMH_OPENAI_API_KEY", key)] if not v]
+    if missing:
+        raise TutorialError(f"RLMH_LM=openai needs {', '.join(missing)} set: base URL ending in /v1/, model name, API key")
+    check_reachable(base, "the OpenAI-compatible endpoint")
+    return dspy.LM(model=f"openai/{model}", api_base=base, api_key=key)
+
+
+def make_lm(profile: Profile, trainable: bool = False, **overrides) -> dspy.LM:
+    """The profile's LM as a ``dspy.LM``; ``overrides`` are default call arguments (e.g. temperature).
+
+    ``trainable=True`` (06) attaches the provider GRPO trains through: Arbor's in the full profile,
+    ``grpo_backend.LocalGRPOProvider`` (LoRA on CPU) for the embedded model.
+    """
+    choice = (os.environ.get(LM_ENV) or "").strip().lower() or profile.lm.kind  # blank counts as unset
+    if choice == "openai":
+        if trainable:
+            raise TutorialError("RLMH_LM=openai is for evaluation only: GRPO needs the embedded LM or Arbor")
+        lm = openai_compatible_lm()
+    elif choice == "arbor":
+        lm = arbor_lm(profile)
+    elif choice == "embedded":
+        engine = embedded_engine(profile)
+        provider = None
+        if trainable:
+            from helpers.backend.grpo_backend import LocalGRPOProvider
+
+            provider = LocalGRPOProvider()
+        lm = dspy.LM(f"local/{engine.name}", engine=engine, temperature=profile.lm.temperature,
+                     max_tokens=profile.lm.max_tokens, provider=provider)
+    else:
+        raise TutorialError(f"unknown {LM_ENV}={choice!r}: choose embedded, arbor or openai")
+    return lm.copy(**overrides) if overrides else lm

@@ -1,0 +1,281 @@
+"""Running GRPO on ResearchHop and keeping its results (06_grpo_training).
+
+06 writes the seed's ``GRPO(...)`` call out; what it needs around that call is here, one call each:
+``HiddenPageLog`` (the reward, noting the multi-hop skill per step), ``backend_kwargs`` (checkpoints, held-back
+scoring), ``one_line_per_step`` and ``job_of``. ``train`` runs the same path from a preset (dspy's ``GRPO``, or
+Arbor's ``ArborGRPO`` in the full profile) for the benchmarks and tests. ``save_trained`` / ``load_trained``
+write and read back the program and its adapter.
+"""
+
+import contextlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from helpers.engine import local_lm
+from helpers.profiles import Profile
+from helpers.program import metrics
+from helpers.rl.grpo_presets import GRPOPreset, train_kwargs_for
+from helpers.util import atomic
+from helpers.util.dspy_compat import loggers_quieted, rollout_bars_hidden, stragglers_not_resubmitted
+from helpers.util.errors import TutorialError
+
+
+def make_compiler(preset: GRPOPreset, metric, adapter, train_kwargs, lm=None, **overrides):
+    """``GRPO(...)`` or ``ArborGRPO(...)`` with the preset's settings; ``overrides`` win (e.g. num_train_steps)."""
+    kwargs = {**preset.compile_kwargs, **overrides}
+    if preset.optimizer == "ArborGRPO" and lm is not None and str(lm.model).startswith("local/"):
+        raise TutorialError(f"preset {preset.name!r} runs ArborGRPO, which needs an Arbor server; the embedded LM "
+                            "trains with dspy's GRPO: use the 'mini' preset (or RLMH_PROFILE=full on GPUs)")
+    if preset.optimizer == "ArborGRPO":
+        try:
+            from arbor import ArborGRPO
+        except ImportError:
+            raise TutorialError("ArborGRPO needs `pip install arbor-ai` on a machine with NVIDIA GPUs") from None
+        return ArborGRPO(metric=metric, train_kwargs=train_kwargs, **kwargs)
+    from dspy.teleprompt.grpo import GRPO
+
+    return GRPO(metric=metric, adapter=adapter, train_kwargs=train_kwargs, **kwargs)
+
+
+def training_reward(preset: GRPOPreset, search):
+    """The metric GRPO rewards rollouts with: the seeds' ``recall``, or ``ranked_recall`` where the preset says so."""
+    if preset.reward == "ranked_recall":
+        return metrics.ranked_recall(search)
+    if preset.reward != "recall":
+        raise TutorialError(f"preset {preset.name!r} names an unknown reward {preset.reward!r}: use recall or ranked_recall")
+    return metrics.recall
+
+
+def checkpoint_dir(profile: Profile) -> Path:
+    return profile.cache_dir / "checkpoints"
+
+
+def backend_kwargs(preset: GRPOPreset, profile: Profile, program, log: "HiddenPageLog", on_step=None,
+                   initial_score=None, progress: bool = True, **overrides) -> dict:
+    """The ``train_kwargs`` for ``GRPO(...)``: the preset's, plus what the local backend needs (06, ``train``).
+
+    ``log`` is the metric GRPO gets (``HiddenPageLog``); ``on_step(record)`` may return a score (06: recall on
+    held-back train claims), and ``initial_score`` is the starting model's score on the same scale, so the
+    starting adapter can win "best checkpoint" too. ``progress=True`` prints one line per step (``step_line``).
+    """
+    settings = {**preset.compile_kwargs, **overrides}
+    extra = {"on_step": log.wrap(on_step, settings["num_train_steps"] if progress else None),
+             "initial_score": initial_score if on_step else None,
+             # one group per example and predictor
+             "groups_per_step": settings["num_dspy_examples_per_grpo_step"] * len(program.predictors()),
+             "seed": overrides.get("seed", 0)}  # GRPO's own seed only picks the claims; this one also picks the samples
+    return train_kwargs_for(preset, checkpoint_dir(profile), **extra)
+
+
+@contextlib.contextmanager
+def one_line_per_step():
+    """dspy's rollout bars and per-rollout warnings off while GRPO compiles: ``step_line`` says what they would."""
+    with _quiet_grpo_logs(), stragglers_not_resubmitted(), rollout_bars_hidden():
+        yield
+
+
+def job_of(lm):
+    """The backend job that trained ``lm`` last (its per-step log is the training curve), or None."""
+    jobs = getattr(lm.provider, "jobs", [])
+    return jobs[-1] if jobs else None
+
+
+def train(program, trainset, lm, adapter, metric, preset: GRPOPreset, profile: Profile, on_step=None,
+          initial_score=None, progress: bool = False, **overrides):
+    """Compile ``program`` (its predictors use ``lm``) with the preset's GRPO; returns ``(trained_program, job)``.
+
+    What 06 writes out cell by cell, for the benchmarks and tests: ``backend_kwargs``, ``make_compiler``, compile.
+    """
+    log = HiddenPageLog(metric)
+    train_kwargs = backend_kwargs(preset, profile, program, log, on_step, initial_score, progress, **overrides)
+    program.set_lm(lm)
+    compiler = make_compiler(preset, log, adapter, train_kwargs, lm=lm, **overrides)
+    with one_line_per_step():
+        trained = compiler.compile(student=program, trainset=trainset, valset=None)
+    return trained, job_of(lm)
+
+
+class HiddenPageLog:
+    """The training metric, also noting per claim whether a rollout found a gold page the claim does not name.
+
+    That is the multi-hop skill: if no rollout ever finds such a page, GRPO has nothing to amplify.
+    ``wrap(on_step)`` writes the share of claims with such a find into each step's log.
+    """
+
+    def __init__(self, metric):
+        self.metric, self.found = metric, {}
+        self.__name__ = getattr(metric, "__name__", "metric")
+
+    def __call__(self, example, pred, trace=None):
+        hidden = metrics.hidden_recall(example, pred)
+        if hidden is not None:
+            self.found[example.claim] = self.found.get(example.claim, False) or hidden > 0
+        return self.metric(example, pred, trace)
+
+    def wrap(self, on_step, print_steps: int | None = None):
+        def after_step(record):
+            record.hidden_found = sum(self.found.values()) / len(self.found) if self.found else None
+            self.found = {}
+            score = on_step(record) if on_step is not None else None
+            if print_steps:
+                record.held_back_recall = score
+                print(step_line(record, print_steps), flush=True)
+            return score
+
+        return after_step
+
+
+def step_line(record, steps: int) -> str:
+    """One GRPO step in words: where the time went and what the rollouts showed (06's progress)."""
+    scored = "" if record.held_back_recall is None else f" · held-back recall {record.held_back_recall:.1f}%"
+    found = "-" if record.hidden_found is None else f"{100 * record.hidden_found:.0f}%"
+    return (f"step {record.step}/{steps}: rollouts {record.rollout_seconds:.0f} s, update {record.seconds:.0f} s · "
+            f"mean reward {record.mean_reward:.2f} · groups with a reward spread {record.trained_groups}/{record.fresh_groups} · "
+            f"claims where a rollout found an unnamed gold page {found} · trained tokens sampled "
+            f"{100 * record.sampled_share:.0f}%{scored}")
+
+
+def _quiet_grpo_logs():
+    """GRPO warns once per unparsed rollout and per low-diversity group; the step log counts those instead."""
+    return loggers_quieted(logging.ERROR, "dspy.teleprompt.grpo", "dspy.teleprompt.bootstrap_trace",
+                           "dspy.teleprompt.bootstrap_finetune", "dspy.utils.parallelizer", "dspy.evaluate.evaluate",
+                           root_filter=_drop_parse_failure_warnings)  # bootstrap_trace logs on the root logger
+
+
+def _drop_parse_failure_warnings(record: logging.LogRecord) -> bool:
+    return "Failed to parse output for example" not in record.getMessage()
+
+
+def held_back_recall_after_each_step(search, examples, lm, threads: int, every: int = 1):
+    """An ``on_step`` callback: recall (%) of a fresh ResearchHop on ``examples`` with ``lm``, every ``every`` steps."""
+    from helpers.program.evaluation import run_eval
+    from helpers.program.research_hop import ResearchHop
+
+    def measure(record):
+        if record.step % every:
+            return None
+        program = ResearchHop(num_docs=4, num_hops=2, search=search)
+        program.set_lm(lm)
+        return run_eval(program, examples, threads=threads).score
+
+    return measure
+
+
+def evaluate_trained(trained, job, start, examples, threads: int):
+    """Dev recall after GRPO (06). If no checkpoint beat step 0, the trained program runs on step 0's weights -- a LoRA
+    adapter whose B matrices are still zero, so exactly the weights ``start`` was measured with -- and greedy fp32
+    decoding gives the same outputs (tested): ``start`` is its report, and the evaluation is not run again."""
+    import dataclasses
+
+    from helpers.program import evaluation
+
+    if getattr(job, "best_checkpoint", None) == "step-0000":
+        print(f"No GRPO checkpoint beat step 0: the program has step 0's weights, so its {len(examples)}-claim report "
+              f"is {start.name}'s (same weights, greedy: same outputs); not run again.")
+        return dataclasses.replace(start, name="ResearchHop (GRPO)", seconds=0.0)
+    return evaluation.run_eval(trained, examples, threads, name="ResearchHop (GRPO)", progress="dev claims scored")
+
+
+def curve(job, initial_score=None) -> pd.DataFrame:
+    """The job's per-step log as a table, from step 0 (the untrained adapter's score) to the last step."""
+    table = pd.DataFrame([vars(s) for s in job.history]).set_index("step")
+    start = pd.DataFrame([{"held_back_recall": initial_score}], index=pd.Index([0], name="step"))
+    return pd.concat([start, table]) if initial_score is not None else table
+
+
+def data_check(job) -> pd.DataFrame:
+    """Per step, what the on-policy data path found (``grpo_data.DataCheck``): 06 shows it must read 100 %."""
+    rows = [{"groups": c.groups, "fresh groups": c.fresh_groups, "stale groups": c.stale_groups,
+             "items matched %": round(100 * c.matched_share, 1), "trained tokens": c.trained_tokens,
+             "of them sampled %": round(100 * c.sampled_share, 1)} for c in job.checks]
+    return pd.DataFrame(rows, index=pd.Index(range(1, len(rows) + 1), name="step"))
+
+
+def verdict(before, after, job, warm=None) -> str:
+    """What one run says, in words: the gain with its CI, which checkpoint won, what to try next (06 ends with it).
+
+    ``warm``: the warm start's report, when GRPO started from one; then the supervised stage and what GRPO itself
+    added are separate lines, so RL is not credited with what behaviour cloning did.
+    """
+    from helpers.program import evaluation
+
+    def change_line(what, a, b):
+        change, low, high = evaluation.gain(a, b)
+        return (f"{what}: dev recall {a.score:.1f}% -> {b.score:.1f}%, {change:+.1f} points (95% CI {low:+.1f} to "
+                f"{high:+.1f}, {len(b.per_claim)} claims); hidden-page recall {a.hidden_score:.1f}% -> {b.hidden_score:.1f}%."), low, high
+
+    lines = []
+    if warm is not None:
+        lines.append(change_line("Warm start (behaviour cloning, not RL)", before, warm)[0])
+    start = warm if warm is not None else before
+    line, low, high = change_line("GRPO on top of the warm start" if warm is not None else "GRPO", start, after)
+    lines.append(line)
+    if job.best_checkpoint in (None, "step-0000"):
+        model = "the warm-started model" if warm is not None else "the original model"
+        lines.append(f"No GRPO checkpoint beat step 0 on the held-back claims, so the program evaluated after GRPO is "
+                     f"{model}: this run's updates did not help.")
+    elif low > 0:
+        lines.append("The interval is above zero: GRPO improved the program in this run.")
+    elif high < 0:
+        lines.append("The interval is below zero: GRPO made the program worse in this run.")
+    else:
+        lines.append("The interval includes zero: this run cannot tell GRPO's change from noise.")
+    found = [s.hidden_found for s in job.history if s.hidden_found is not None]
+    if found and max(found) == 0:
+        lines.append("No rollout ever found a gold page the claim does not name, so the multi-hop skill itself was "
+                     "not reinforced" + ("." if warm is not None else
+                                         ": a warm start (a model that can write a query naming one) comes first."))
+    elif found:
+        lines.append(f"Rollouts found a page the claim does not name for up to {100 * max(found):.0f}% of a step's "
+                     "claims: that is what the reward can reinforce; more steps and claims per step give it more chances.")
+    if warm is not None:
+        lines.append(change_line("Both stages", before, after)[0])
+    return "\n".join(lines)
+
+
+def save_trained(profile: Profile, program, job, name: str = "researchhop_grpo", warm_start=None) -> Path:
+    """Save ``program.save(...)`` JSON and the best checkpoint's adapter side by side in ``<cache>/trained/<name>``.
+
+    ``warm_start``: the folder ``warm_start.run(save_to=...)`` wrote, when GRPO started from a warm start; it is
+    copied beside the adapter, because the GRPO adapter only means something on top of those weights.
+    """
+    target = profile.cache_dir / "trained" / name
+    best = job.best_checkpoint or job.last_checkpoint
+    if best is None:
+        raise TutorialError("the GRPO job saved no checkpoint: nothing to save")
+    with atomic.atomic_dir(target) as tmp:
+        program.save(str(tmp / "program.json"))
+        shutil.copytree(job.checkpoints[best]["path"], tmp / "adapter")
+        if warm_start is not None:
+            shutil.copytree(warm_start, tmp / "warm_start")
+        (tmp / "trained.json").write_text(json.dumps({"checkpoint": best, "job": job.job_id,
+                                                      "warm_start": warm_start is not None}))
+    return target
+
+
+def load_trained(profile: Profile, fresh_program, name: str = "researchhop_grpo", adapter_name: str = "reloaded"):
+    """Load the saved adapter into the live engine (as ``adapter_name``) and the saved program into ``fresh_program``.
+
+    If the run started from a warm start, its adapter is merged into the engine's weights first (once: an engine
+    that already carries it, as in the notebook that trained it, is left as it is).
+    """
+    from helpers.backend import lora_policy
+    from helpers.rl import warm_start
+
+    folder = profile.cache_dir / "trained" / name
+    if not (folder / "program.json").exists():
+        raise TutorialError(f"no trained program in {folder}: run 06_grpo_training first")
+    engine = local_lm.live_engine(local_lm.MODEL_NAME)
+    if engine is None:
+        raise TutorialError("load_trained needs the embedded LM: build it with lm_setup.make_lm(profile) first")
+    if (folder / "warm_start").exists():
+        warm_start.apply_saved(engine, folder / "warm_start")
+    lora_policy.activate_adapter(engine, folder / "adapter", adapter_name)
+    # the saved LM names our engine class (helpers.engine.local_lm.BatchingEngine); DSPy asks before importing it
+    fresh_program.load(str(folder / "program.json"), allow_pickle=False, allow_unsafe_lm_state=True)
+    return fresh_program
+

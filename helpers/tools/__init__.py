@@ -1,0 +1,1 @@
+"""Maintainer tooling: the headless notebook runner behind `make tutorial` and `make notebooks`."""

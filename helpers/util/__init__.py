@@ -1,0 +1,1 @@
+"""Small pieces every part uses: atomic writes, the one error type, timing, statistics, dspy quirks."""

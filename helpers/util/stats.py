@@ -1,0 +1,37 @@
+"""Uncertainty of a score and of a before/after gain on the same claims (06 and benchmarks/grpo_mini.py)."""
+
+import math
+
+import numpy as np
+
+from helpers.util.errors import TutorialError
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error (sample sd / sqrt(n)); the standard error is nan for a single value."""
+    if len(values) == 0:
+        raise TutorialError("mean_se needs at least one value")
+    x = np.asarray(values, dtype=float)
+    se = float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
+    return float(x.mean()), se
+
+
+def paired_bootstrap_ci(before: list[float], after: list[float], n_boot: int = 10000, alpha: float = 0.05,
+                        seed: int = 0) -> tuple[float, float, float]:
+    """Mean of ``after - before`` and its (1 - alpha) percentile-bootstrap interval, resampling claims.
+
+    ``before[i]`` and ``after[i]`` are scores of the same claim, so the claims (not the two lists apart)
+    are drawn with replacement: ``n_boot`` resamples from numpy's ``default_rng(seed)``.
+    Returns ``(mean difference, low, high)`` in the units given.
+    """
+    if len(before) != len(after):
+        raise TutorialError(f"paired scores need one before and one after per claim: got {len(before)} and {len(after)}")
+    if len(before) == 0:
+        raise TutorialError("paired_bootstrap_ci needs at least one claim")
+    if not 0 < alpha < 1 or n_boot < 1:
+        raise TutorialError(f"need 0 < alpha < 1 and n_boot >= 1, got alpha={alpha}, n_boot={n_boot}")
+    diff = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, len(diff), size=(n_boot, len(diff)))
+    means = diff[idx].mean(axis=1)
+    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return float(diff.mean()), float(low), float(high)
