@@ -19,24 +19,25 @@ import dataclasses
 import resource
 import time
 
+from bench_args import at_most, positive, whole
 from helpers import bootstrap
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--steps", type=int, default=None, help="GRPO steps (default: the mini preset's; --long: 16)")
-    parser.add_argument("--dev", type=int, default=300, help="dev claims scored before and after (>= 100)")
-    parser.add_argument("--select", type=int, default=24, help="train claims held back to choose the checkpoint")
-    parser.add_argument("--every", type=int, default=2, help="score the checkpoint every this many steps")
+    parser.add_argument("--seeds", type=whole(0), nargs="+", default=[0, 1])
+    parser.add_argument("--steps", type=whole(1), default=None, help="GRPO steps (default: the mini preset's; --long: 16)")
+    parser.add_argument("--dev", type=whole(1), default=300, help="dev claims scored before and after (>= 100)")
+    parser.add_argument("--select", type=whole(1), default=24, help="train claims held back to choose the checkpoint")
+    parser.add_argument("--every", type=whole(1), default=2, help="score the checkpoint every this many steps")
     parser.add_argument("--long", action="store_true", help="16 steps: the curve shows the trend")
     parser.add_argument("--quick", action="store_true", help="one seed, one step, no evaluation")
     parser.add_argument("--warm-start", action="store_true", help="LoRA SFT on the scripted teacher before GRPO")
-    parser.add_argument("--warm-train", type=int, default=120, help="train claims whose teacher traces are the SFT data")
-    parser.add_argument("--warm-minutes", type=float, default=10.0, help="SFT stops after this long")
-    parser.add_argument("--temperature", type=float, default=None, help="rollout temperature (default: the preset's)")
-    parser.add_argument("--claims-per-step", type=int, default=None, help="claims per GRPO step (default: the preset's)")
-    parser.add_argument("--lr", type=float, default=None, help="GRPO learning rate (default: the preset's)")
+    parser.add_argument("--warm-train", type=whole(1), default=120, help="train claims whose teacher traces are the SFT data")
+    parser.add_argument("--warm-minutes", type=positive, default=None, help="a time cap for SFT (default: none)")
+    parser.add_argument("--temperature", type=positive, default=None, help="rollout temperature (default: the preset's)")
+    parser.add_argument("--claims-per-step", type=whole(1), default=None, help="claims per GRPO step (default: the preset's)")
+    parser.add_argument("--lr", type=positive, default=None, help="GRPO learning rate (default: the preset's)")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.steps = args.seeds[:1], 1
@@ -52,8 +53,10 @@ def main():
     from helpers.search import retrieval
 
     sources.prepare(profile)
-    search = retrieval.load_search(profile)
     trainset, devset, _ = hover.seed_splits(profile)
+    at_most(parser, "--dev", args.dev, len(devset), "dev claims")
+    at_most(parser, "--select", args.select, len(trainset) - 1, "train claims that can be held back")
+    search = retrieval.load_search(profile)
     trainset, selection = trainset[: -args.select], trainset[-args.select:]
     evalset = devset[: args.dev]
     adapter = adapter_choice.chosen_adapter(profile)
@@ -74,7 +77,7 @@ def main():
 
     if not args.quick:
         # 05's saved report when it covers the same claims (the untrained greedy run gives the same numbers)
-        before = evaluation.load_or_run(profile, "baseline_dev", ResearchHop(4, 2, search), evalset,
+        before = evaluation.load_or_run(profile, "bench_baseline_dev", ResearchHop(4, 2, search), evalset,
                                         profile.eval_threads, "ResearchHop (untrained)")
         select_before = evaluation.run_eval(ResearchHop(4, 2, search), selection, profile.eval_threads).score
         print(f"baseline dev recall ({len(evalset)} claims): {before.score:.1f}%, hidden-page recall "

@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
+from bench_args import grid, whole  # noqa: E402
 from helpers import bootstrap  # noqa: E402
 
 bootstrap.configure_threads()
@@ -43,10 +44,10 @@ from helpers.util import timing  # noqa: E402
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--claims", type=int, default=24, help="dev claims of the evaluation workload (0: skip it)")
-    parser.add_argument("--rollouts", default="3x6", help="claims x rollouts of the GRPO rollout workload")
+    parser.add_argument("--tokens", type=whole(1), default=64)
+    parser.add_argument("--prompts", type=whole(1), default=8)
+    parser.add_argument("--claims", type=whole(0), default=24, help="dev claims of the evaluation workload (0: skip it)")
+    parser.add_argument("--rollouts", type=grid, default="3x6", help="claims x rollouts of the GRPO rollout workload")
     parser.add_argument("--found", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the evaluation on the reference engine (282e64c), in a child process (threads sleeping)")
     parser.add_argument("--child", choices=("found", "now"), help=argparse.SUPPRESS)  # the child processes below
@@ -54,7 +55,7 @@ def main():
     if args.child:
         return child_evaluation(args.claims, args.child)
     if args.claims:  # first: the short runs below (llama.cpp's above all) measurably slowed what ran after them
-        workload(args.claims, *map(int, args.rollouts.split("x")), found=args.found)
+        workload(args.claims, *args.rollouts, found=args.found)
     cache = tempfile.mkdtemp(prefix="lm-bench-")
     try:
         _, _, cold = local_lm.load_model(cache)

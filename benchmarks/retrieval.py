@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_args import whole  # noqa: E402
 from helpers.util.timing import process_memory_mb  # noqa: E402
 
 TARGETS = {"build": 0.5, "query_single": 0.3, "build_memory": 1.0}
@@ -161,9 +162,9 @@ def run_isolated(fn, *args):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--sizes", type=whole(10), nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--full", action="store_true", help="add the real corpus size, 5M documents (~20 GB RAM)")
-    parser.add_argument("--queries", type=int, default=300)
+    parser.add_argument("--queries", type=whole(1), default=300)
     parser.add_argument("--no-peer", action="store_true", help="skip the rank_bm25 check (pip install rank-bm25)")
     args = parser.parse_args()
     sizes = args.sizes + ([5_000_000] if args.full else [])

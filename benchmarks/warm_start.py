@@ -15,18 +15,19 @@ import argparse
 import resource
 import time
 
+from bench_args import at_most, positive, whole
 from helpers import bootstrap
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--dev", type=int, default=100, help="dev claims scored before and after")
-    parser.add_argument("--train", type=int, default=120, help="train claims whose teacher traces are the SFT data")
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--batch", type=int, default=2, help="predictor calls per step (2 field rows each)")
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-minutes", type=float, default=10.0, help="SFT stops after this long")
+    parser.add_argument("--dev", type=whole(1), default=100, help="dev claims scored before and after")
+    parser.add_argument("--train", type=whole(1), default=120, help="train claims whose teacher traces are the SFT data")
+    parser.add_argument("--steps", type=whole(1), default=40)
+    parser.add_argument("--batch", type=whole(1), default=2, help="predictor calls per step (2 field rows each)")
+    parser.add_argument("--lr", type=positive, default=2e-3)
+    parser.add_argument("--seed", type=whole(0), default=0)
+    parser.add_argument("--max-minutes", type=positive, default=None, help="a time cap for SFT (default: none)")
     parser.add_argument("--save", default="", help="folder to save the warm-start adapter to")
     args = parser.parse_args()
     profile = bootstrap.start("mini")
@@ -40,8 +41,10 @@ def main():
     from helpers.search import retrieval
 
     sources.prepare(profile)
-    search = retrieval.load_search(profile)
     trainset, devset, _ = hover.seed_splits(profile)
+    at_most(parser, "--dev", args.dev, len(devset), "dev claims")
+    at_most(parser, "--train", args.train, len(trainset), "train claims")
+    search = retrieval.load_search(profile)
     evalset = devset[: args.dev]
     adapter = adapter_choice.chosen_adapter(profile)
     eval_lm = lm_setup.make_lm(profile, temperature=0.0, cache=False)
@@ -53,7 +56,7 @@ def main():
           f"hidden-page recall {teacher['hidden-page recall %']:.1f}%")
 
     # 05's saved baseline when it covers the same claims (the untrained greedy run is deterministic)
-    before = evaluation.load_or_run(profile, "baseline_dev", ResearchHop(4, 2, search), evalset, profile.eval_threads,
+    before = evaluation.load_or_run(profile, "bench_baseline_dev", ResearchHop(4, 2, search), evalset, profile.eval_threads,
                                     "ResearchHop (untrained)")
     print(f"baseline dev recall ({len(evalset)} claims): {before.score:.1f}%, hidden-page recall "
           f"{before.hidden_score:.1f}%  [{before.seconds:.0f} s]", flush=True)
@@ -64,7 +67,7 @@ def main():
     print(f"SFT data: {len(rows)} rows from {args.train} train claims; held-out teacher NLL {nll_before:.3f}/token",
           flush=True)
     log = warm_start.sft(engine, rows, steps=args.steps, lr=args.lr, batch=args.batch, seed=args.seed,
-                         max_seconds=60 * args.max_minutes, log_every=5)
+                         max_seconds=None if args.max_minutes is None else 60 * args.max_minutes, log_every=5)
     minutes = log.seconds / 60
     nll_after = warm_start.nll(engine, held_out)
     seen = min(len(rows), 2 * args.batch * log.steps)

@@ -6,7 +6,8 @@ import sys
 import warnings
 
 from helpers.engine.threads import configure_threads
-from helpers.profiles import display_path, get_profile, Profile
+from helpers.profiles import get_profile, Profile
+from helpers.util.paths import display_path
 
 
 def configure_environment(profile: Profile) -> None:

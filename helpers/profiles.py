@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from helpers.util.errors import TutorialError
+from helpers.util.paths import REPO_ROOT
 
 PROFILE_ENV = "RLMH_PROFILE"
 CACHE_ENV = "RLMH_CACHE_DIR"
 ARBOR_URL_ENV = "RLMH_ARBOR_URL"  # the full profile's Arbor server, e.g. http://gpu-box:7453/v1/
 DEFAULT_ARBOR_URL = "http://localhost:7453/v1/"
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -166,16 +166,3 @@ def get_profile(name: str | None = None) -> Profile:
         valid = ", ".join(sorted(PROFILES))
         raise TutorialError(f"unknown profile {name!r} in {PROFILE_ENV}: choose one of {valid}")
     return PROFILES[name]()
-
-
-def display_path(path) -> str:
-    """``path`` as printed in notebooks: relative to the working folder inside the checkout, ``~/...`` under home.
-
-    Stored outputs then show no machine-specific folder (a kernel starts in ``notebooks/``: ``../cache/mini``).
-    """
-    path, here = Path(path).resolve(), Path.cwd().resolve()
-    if path.is_relative_to(REPO_ROOT) and here.is_relative_to(REPO_ROOT):
-        return os.path.relpath(path, here)
-    if path.is_relative_to(Path.home()):
-        return "~/" + str(path.relative_to(Path.home()))
-    return str(path)

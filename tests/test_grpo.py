@@ -18,7 +18,6 @@ from helpers.rl import grpo_presets, grpo_training
 from helpers.search import retrieval
 from helpers.util.errors import TutorialError
 
-pytestmark = pytest.mark.model  # make test-fast leaves these out
 
 MESSAGES = [{"role": "system", "content": "Answer with one word."}, {"role": "user", "content": "Name a colour of the sky."}]
 
@@ -69,6 +68,7 @@ def _sequence_logprob(job, engine, record, temperature):
     return float((logps * mask).sum())
 
 
+@pytest.mark.model
 def test_the_trace_keeps_the_notes_each_call_saw(mini_cache):
     """The seeds' pattern leaks each call's answer into its own traced inputs; ResearchHop's copies do not."""
     lm = lm_setup.make_lm(mini_cache, temperature=0.0, cache=False)
@@ -95,6 +95,7 @@ def test_prefix_runs_keep_one_calls_fields_together_and_split_other_claims():
     assert lora_policy.prefix_runs([a1], [3]) == [range(0, 1)]
 
 
+@pytest.mark.model
 def test_shared_prefix_logprobs_match_one_unpadded_row_at_a_time(trainable):
     lm, engine, _ = trainable
     tok, model, blank = engine.tokenizer, engine.model, engine.blank_tokens()
@@ -118,6 +119,7 @@ def test_shared_prefix_logprobs_match_one_unpadded_row_at_a_time(trainable):
             assert torch.allclose(padded[row, : len(c)], alone, atol=2e-3), (row, padded[row], alone)
 
 
+@pytest.mark.model
 def test_rows_are_the_sampled_tokens_and_a_group_trains_once(trainable):
     lm, engine, tmp_path = trainable
     job = _job(lm, tmp_path)
@@ -137,6 +139,7 @@ def test_rows_are_the_sampled_tokens_and_a_group_trains_once(trainable):
     assert torch.equal(trained, _lora_b(job))
 
 
+@pytest.mark.model
 def test_an_item_whose_prompt_was_never_sampled_is_not_trained(trainable):
     lm, engine, tmp_path = trainable
     job = _job(lm, tmp_path)
@@ -149,6 +152,7 @@ def test_an_item_whose_prompt_was_never_sampled_is_not_trained(trainable):
     assert torch.equal(start, _lora_b(job))
 
 
+@pytest.mark.model
 def test_ratio_is_one_at_the_rollout_weights(trainable):
     """New log-probs at the rollout temperature, no dropout, the first token under the non-blank mask it was drawn
     with: the trainer's log-probs equal the rollout's own, so the PPO ratio starts at 1."""
@@ -170,6 +174,7 @@ def test_ratio_is_one_at_the_rollout_weights(trainable):
         job.policy.model.eval()
 
 
+@pytest.mark.model
 def test_a_step_moves_the_preferred_completion_up(trainable):
     lm, engine, tmp_path = trainable
     job = _job(lm, tmp_path)
@@ -185,6 +190,7 @@ def test_a_step_moves_the_preferred_completion_up(trainable):
     assert job.get_status()["pending_batch_ids"] == [3]
 
 
+@pytest.mark.model
 def test_equal_rewards_give_no_gradient_and_nonfinite_rewards_are_skipped(trainable, caplog):
     lm, engine, tmp_path = trainable
     job = _job(lm, tmp_path)
@@ -197,6 +203,7 @@ def test_equal_rewards_give_no_gradient_and_nonfinite_rewards_are_skipped(traina
     assert record.loss == 0.0 and torch.equal(start, _lora_b(job))
 
 
+@pytest.mark.model
 def test_seeds_change_the_rollouts(trainable):
     lm, engine, tmp_path = trainable
     texts = []
@@ -207,6 +214,7 @@ def test_seeds_change_the_rollouts(trainable):
     assert texts[0] == texts[2] and texts[0] != texts[1]
 
 
+@pytest.mark.model
 def test_interrupted_checkpoint_leaves_the_last_good_one(trainable, monkeypatch):
     lm, engine, tmp_path = trainable
     job = _job(lm, tmp_path)
@@ -225,6 +233,7 @@ def test_interrupted_checkpoint_leaves_the_last_good_one(trainable, monkeypatch)
     assert not [p for p in (tmp_path / job.job_id).iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.model
 def test_a_new_job_removes_killed_saves_and_writes_its_own_folder(trainable, capsys):
     lm, _, tmp_path = trainable
     dead = tmp_path / "grpo-old" / ".step-0003.999999.abcd1234.tmp"  # a save killed in an earlier run (no such pid)
@@ -236,6 +245,7 @@ def test_a_new_job_removes_killed_saves_and_writes_its_own_folder(trainable, cap
     assert said in capsys.readouterr().out  # the run says where
 
 
+@pytest.mark.model
 def test_a_job_id_already_taken_is_refused_not_reused(trainable):
     lm, engine, tmp_path = trainable
     first = _job(lm, tmp_path, job_id="grpo-mine")
@@ -245,6 +255,7 @@ def test_a_job_id_already_taken_is_refused_not_reused(trainable):
     assert torch.equal(trained, _lora_b(first))
 
 
+@pytest.mark.model
 def test_best_checkpoint_is_restored_on_terminate(trainable):
     lm, engine, tmp_path = trainable
     job = _job(lm, tmp_path, initial_score=10.0)
@@ -255,6 +266,7 @@ def test_best_checkpoint_is_restored_on_terminate(trainable):
     assert job.best_checkpoint == "step-0000" and torch.equal(untrained, _lora_b(job))
 
 
+@pytest.mark.model
 def test_several_clipped_optimizer_steps_per_batch(trainable):
     lm, engine, tmp_path = trainable
     job = _job(lm, tmp_path, per_device_train_batch_size=1, gradient_accumulation_steps=1, num_iterations=2,
@@ -271,6 +283,7 @@ def test_several_clipped_optimizer_steps_per_batch(trainable):
     assert after[0] > before[0] and after[1] < before[1] and math.isfinite(record.loss), (before, after)
 
 
+@pytest.mark.model
 def test_dspy_grpo_drives_the_backend_on_policy(trainable, mini_cache):
     """A real rollout through dspy's GRPO: every item is found among the sampled rows, for both predictors."""
     lm, engine, _ = trainable
@@ -293,6 +306,7 @@ def test_dspy_grpo_drives_the_backend_on_policy(trainable, mini_cache):
     assert (saved / "program.json").exists() and (saved / "adapter").is_dir()
 
 
+@pytest.mark.model
 def test_unknown_preset_untrainable_lm_and_arbor_with_the_embedded_lm_fail_in_one_line(mini_profile, monkeypatch):
     with pytest.raises(TutorialError, match="choose one of mini, seed_6gpu, seed_arbor_4gpu"):
         grpo_presets.get_preset("huge")
@@ -319,6 +333,7 @@ def test_arbor_config_warns_on_obsolete_gpu_ids(tmp_path):
         arbor_config.read(tmp_path / "bad.yaml")
 
 
+@pytest.mark.model
 def test_back_at_step_0_the_greedy_text_is_that_of_before_the_job(trainable):
     """Why 06 reuses the warm start's report when GRPO keeps step 0: step 0's adapter changes no greedy output."""
     lm, engine, tmp_path = trainable
@@ -331,3 +346,21 @@ def test_back_at_step_0_the_greedy_text_is_that_of_before_the_job(trainable):
     job.terminate()
     assert job.best_checkpoint == "step-0000" and _lora_b(job).abs().max() == 0
     assert engine.generate(conversations, greedy) == before
+
+
+def test_the_backend_follows_the_grpo_call_it_serves(mini_profile):
+    """06 writes GRPO(...) out and invites changes: the job's groups per step, the step count and the format reward
+    must follow the call, not the preset the backend settings started from."""
+    from dspy.teleprompt.grpo import GRPO
+
+    preset = grpo_presets.get_preset("mini")
+    program = ResearchHop(4, 2, search=lambda query, k: [])
+    reward = grpo_training.HiddenPageLog(metrics.recall)
+    train_kwargs = grpo_training.backend_kwargs(preset, mini_profile, program, reward, progress=True)
+    assert train_kwargs["groups_per_step"] == 3 * 2 and reward.steps == 6  # the preset's
+    compiler = GRPO(metric=reward, multitask=True, exclude_demos=True, num_dspy_examples_per_grpo_step=5,
+                    num_rollouts_per_grpo_step=4, num_train_steps=2, failure_score=0.0, format_failure_score=-0.5,
+                    train_kwargs=train_kwargs)
+    assert grpo_training.fit_backend(compiler, train_kwargs) is train_kwargs
+    assert train_kwargs["groups_per_step"] == 5 * 2 and train_kwargs["format_failure_score"] == -0.5
+    assert reward.steps == 2

@@ -117,8 +117,8 @@ def test_growing_the_buffer_never_holds_the_old_and_the_new_tensors_whole():
     """Growing replaces one layer at a time: at the peak, the buffer's final size plus a layer's old tensors.
 
     Copying all layers before dropping the old ones held both buffers at once: at 16 rows, 341 MB + 427 MB in the
-    24-claim evaluation, the peak of the engine's memory (benchmarks/RESULTS.md#memory). Measured here: 858 MB
-    over the start then, 512 MB now, for a 456 MB buffer and copies.
+    24-claim evaluation, the peak of the engine's memory (benchmarks/RESULTS.md#memory). Measured here for a 456 MB
+    buffer and its copies: 858 MB over the start that way, 512 MB one layer at a time.
     """
     out = subprocess.run([sys.executable, "-c", GROWTH_SCRIPT], cwd=Path(__file__).resolve().parents[1],
                          capture_output=True, text=True, timeout=300, check=True).stdout

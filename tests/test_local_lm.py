@@ -14,7 +14,6 @@ from helpers.program.research_hop import ResearchHop
 from helpers.search import retrieval
 from helpers.util.errors import TutorialError
 
-pytestmark = pytest.mark.model  # make test-fast leaves these out
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +26,7 @@ def lm(engine, mini_profile):
     return lm_setup.make_lm(mini_profile, temperature=0.0, max_tokens=24, cache=False)
 
 
+@pytest.mark.model
 def test_converted_checkpoint_reloads_from_cache_with_same_weights(engine, mini_cache):
     assert engine.load_info.source == "gguf"
     model, _, info = local_lm.load_model(mini_cache.cache_dir)
@@ -36,6 +36,7 @@ def test_converted_checkpoint_reloads_from_cache_with_same_weights(engine, mini_
     assert all((a[k] == b[k]).all() for k in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"))
 
 
+@pytest.mark.model
 def test_concurrent_dspy_calls_share_generate_calls(engine, lm):
     before = len(engine.stats.batch_sizes)
     prompts = [f"Count to {i}." for i in range(8)]
@@ -46,6 +47,7 @@ def test_concurrent_dspy_calls_share_generate_calls(engine, lm):
     assert sum(sizes) == 8 and max(sizes) > 1, sizes
 
 
+@pytest.mark.model
 def test_greedy_is_reproducible_and_honours_max_tokens(engine, lm):
     a = lm("Name three colors.", max_tokens=12)
     b = lm("Name three colors.", max_tokens=12)
@@ -54,11 +56,13 @@ def test_greedy_is_reproducible_and_honours_max_tokens(engine, lm):
     assert out[0][2] <= 10 and out[0][3] == "length"
 
 
+@pytest.mark.model
 def test_sampling_is_diverse(lm):
     outs = {lm("Invent a name for a town.", temperature=1.0, top_p=0.95, max_tokens=12, rollout_id=i)[0] for i in range(4)}
     assert len(outs) >= 2
 
 
+@pytest.mark.model
 def test_dspy_cache_serves_repeated_calls(engine, mini_profile):
     cached = lm_setup.make_lm(mini_profile, temperature=0.0, max_tokens=8)
     first = cached("Say hello to the cache.")
@@ -66,12 +70,14 @@ def test_dspy_cache_serves_repeated_calls(engine, mini_profile):
     assert cached("Say hello to the cache.") == first and len(engine.stats.batch_sizes) == calls
 
 
+@pytest.mark.model
 def test_signature_round_trip(lm):
     with dspy.context(lm=lm.copy(max_tokens=64), adapter=dspy.XMLAdapter()):
         prediction = dspy.Predict("question -> answer")(question="What color is the sky?")
     assert "blue" in prediction.answer.lower()
 
 
+@pytest.mark.model
 def test_threaded_evaluate_over_research_hop(engine, lm, mini_profile):
     _, dev, _ = hover.seed_splits(mini_profile)
     program = ResearchHop(num_docs=4, num_hops=2, search=retrieval.load_search(mini_profile))
@@ -100,6 +106,7 @@ def _conversations(n=6):
     return rows
 
 
+@pytest.mark.model
 def test_prefix_reuse_keeps_greedy_outputs_identical(engine):
     greedy = local_lm.Sampling(0.0, 1.0, 0, 24)
     conversations = _conversations()
@@ -114,6 +121,7 @@ def test_prefix_reuse_keeps_greedy_outputs_identical(engine):
     assert stats.reused_tokens - reused_before >= sum(r[1] for r in cold) - len(cold)
 
 
+@pytest.mark.model
 def test_grouped_attention_is_bitwise_sdpa_and_the_engine_uses_it(engine):
     """sdpa_gqa lets 3 query heads share a key/value head without copying it: the same logits, bit for bit, on a prefill
     over cached states (and training's gradients, which it leaves to sdpa); the engine's calls use it, its reference not."""
@@ -157,6 +165,7 @@ def test_grouped_attention_is_bitwise_sdpa_and_the_engine_uses_it(engine):
     assert model.config._attn_implementation == grouped_attention.NAME
 
 
+@pytest.mark.model
 def test_second_field_call_reuses_the_first_calls_prompt(engine):
     messages = _conversations()[0]
     first = messages + [{"role": "assistant", "content": "[[ ## reasoning ## ]]\n"}]
@@ -170,6 +179,7 @@ def test_second_field_call_reuses_the_first_calls_prompt(engine):
     assert stats.computed_tokens - computed < 20
 
 
+@pytest.mark.model
 def test_sampling_with_reuse_has_the_same_distribution(engine):
     """First-token frequencies over many samples, cold cache vs a cache holding every prompt: same distribution."""
     import collections
@@ -192,6 +202,7 @@ def test_sampling_with_reuse_has_the_same_distribution(engine):
     assert tv < 0.1, (tv, counts)
 
 
+@pytest.mark.model
 def test_seeds_change_the_samples_and_a_seed_repeats_them(engine):
     conversation = [{"role": "user", "content": "Invent a name for a town."}]
     sampling = local_lm.Sampling(1.0, 1.0, 0, 8)
@@ -223,6 +234,7 @@ def zeroed_layer(engine):
 MOUNTAIN = [{"role": "user", "content": "Name a mountain."}]
 
 
+@pytest.mark.model
 def test_weight_change_clears_the_cache(engine):
     greedy = local_lm.Sampling(0.0, 1.0, 0, 6)
     before = engine.generate([MOUNTAIN], greedy)
@@ -248,6 +260,7 @@ def packing(engine):
     engine.weights_changed()
 
 
+@pytest.mark.model
 def test_packed_weights_keep_greedy_outputs_identical(packing):
     engine, greedy = packing, local_lm.Sampling(0.0, 1.0, 0, 24)
     with _unpacked(engine):
@@ -258,6 +271,7 @@ def test_packed_weights_keep_greedy_outputs_identical(packing):
     assert packed == plain
 
 
+@pytest.mark.model
 def test_packed_weights_follow_a_weight_change(packing):
     engine, greedy = packing, local_lm.Sampling(0.0, 1.0, 0, 6)
     before = engine.generate([MOUNTAIN], greedy)
@@ -270,6 +284,7 @@ def test_packed_weights_follow_a_weight_change(packing):
     assert engine.generate([MOUNTAIN], greedy) == before
 
 
+@pytest.mark.model
 def test_a_lora_change_keeps_the_packed_copies_and_is_followed(packing):
     import torch
 
@@ -298,6 +313,7 @@ def test_a_lora_change_keeps_the_packed_copies_and_is_followed(packing):
     assert engine.generate([MOUNTAIN], greedy) == before and engine.packed is packed  # unloading LoRA keeps them too
 
 
+@pytest.mark.model
 def test_a_lora_that_rewrites_the_base_weights_drops_the_packed_copies(packing):
     import torch
 
@@ -329,6 +345,7 @@ def _unpacked(engine):
         engine.packed_weights = True
 
 
+@pytest.mark.model
 def test_packed_layers_use_the_weights_themselves_when_gradients_are_on(packing):
     import torch
 
@@ -341,6 +358,7 @@ def test_packed_layers_use_the_weights_themselves_when_gradients_are_on(packing)
     assert torch.allclose(x.grad, layer.weight.sum(0).expand(3, -1))
 
 
+@pytest.mark.model
 def test_a_pack_that_fails_halfway_leaves_no_layer_patched(packing, monkeypatch):
     import torch
 
@@ -370,6 +388,7 @@ def _error_of(call) -> str:
     return ""
 
 
+@pytest.mark.model
 def test_a_failing_pack_fails_the_waiting_calls_instead_of_hanging_them(packing, lm, monkeypatch):
     import threading
 
@@ -400,6 +419,7 @@ def test_packed_weights_where_onednn_cannot_is_one_line(monkeypatch):
     assert weight_packing.choose(None) is False and weight_packing.choose(False) is False
 
 
+@pytest.mark.model
 def test_sampled_rows_are_recorded_with_their_log_probs(engine):
     import torch
 
@@ -424,6 +444,7 @@ def test_sampled_rows_are_recorded_with_their_log_probs(engine):
         assert torch.allclose(torch.tensor(record.logprobs[1:]), plain[1:], atol=1e-3)
 
 
+@pytest.mark.model
 def test_nonblank_first_token_never_gives_an_empty_value(engine):
     """The guided adapter's values cannot be blank: the first token must have a visible character."""
     conversation = [{"role": "user", "content": "List."}, {"role": "assistant", "content": "[[ ## answer ## ]]\n"}]
@@ -443,6 +464,7 @@ def test_nonblank_first_token_never_gives_an_empty_value(engine):
     assert sum(firsts[False]) >= 3 and not any(firsts[True])  # about half start blank without the guard (p = 0.58)
 
 
+@pytest.mark.model
 def test_rows_that_join_and_leave_a_running_batch_decode_as_model_generate_alone(engine):
     """Continuous batching: a longer prompt joining shifts the buffers, a row that is not last leaves (the last row
     moves into its slot), unused columns are dropped; every row's greedy text is ``model.generate``'s for it alone."""
@@ -482,6 +504,7 @@ def test_rows_that_join_and_leave_a_running_batch_decode_as_model_generate_alone
     assert compacted  # the long row gone, the columns only it used were dropped while the middle row went on
 
 
+@pytest.mark.model
 def test_listeners_see_every_call_with_the_reply_its_caller_got(engine, lm):
     seen = []
 
@@ -498,6 +521,7 @@ def test_listeners_see_every_call_with_the_reply_its_caller_got(engine, lm):
     assert prompt == local_lm.prompt_ids(engine.tokenizer, [{"role": "user", "content": "Name a river."}])
 
 
+@pytest.mark.model
 def test_a_later_short_call_does_not_wait_for_a_long_one(engine, lm):
     """Calls join the running batch: a short call made while a long one decodes returns first."""
     import threading
@@ -521,6 +545,7 @@ def test_a_later_short_call_does_not_wait_for_a_long_one(engine, lm):
     assert engine.stats.decode_rows - rows > engine.stats.decode_steps - steps  # some steps carried both rows
 
 
+@pytest.mark.model
 def test_greedy_and_sampled_calls_at_once_each_get_their_own_setting(engine, lm):
     prompts = [f"Name a town near river {i}." for i in range(3)]
     alone = [lm(p, max_tokens=8)[0] for p in prompts]
@@ -534,3 +559,46 @@ def test_greedy_and_sampled_calls_at_once_each_get_their_own_setting(engine, lm)
         records, engine.recorder = engine.recorder, None
     assert greedy == alone
     assert sorted(r.text for r in records) == sorted(sampled) and {r.temperature for r in records} == {1.0}
+
+
+@pytest.mark.model
+def test_a_prompt_past_the_context_window_is_refused_at_once(engine, lm):
+    """SmolLM2 reads 8,192 tokens: a longer prompt used to run for minutes and return garbage."""
+    import time
+
+    window = engine.model.config.max_position_embeddings
+    long_prompt = "river harbor mountain " * 4000  # ~12,000 tokens
+    start = time.perf_counter()
+    with pytest.raises(local_lm.ContextWindowError, match=f"{window:,}-token context") as err:
+        lm(long_prompt)
+    assert time.perf_counter() - start < 10 and len(str(err.value).splitlines()) == 1
+    assert isinstance(err.value, TutorialError) and isinstance(err.value, dspy.ContextWindowExceededError)
+    with pytest.raises(local_lm.ContextWindowError, match="max_tokens"):
+        lm("Hi", max_tokens=10**9)
+    assert lm("Name one colour.")  # the engine keeps serving
+
+
+@pytest.mark.model
+def test_the_benchmarks_reference_serving_gives_the_reference_outputs_and_switches_back(engine, lm, monkeypatch):
+    """benchmarks/lm_throughput.py times the reference engine by swapping its serving into this engine."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "lm_throughput.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # as when run as a script: its folder is on the path
+    spec = importlib.util.spec_from_file_location("lm_throughput", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    prompts = ["Name a river.", "Count to three."]
+    greedy = local_lm.Sampling(0.0, 1.0, 0, 24)
+    expected = [r[0] for r in engine.generate_reference([[{"role": "user", "content": p}] for p in prompts], greedy)]
+    before = engine.stats.reference_prompt_tokens
+    bench.use_reference_serving(engine, True)
+    try:
+        assert [lm(p)[0] for p in prompts] == expected
+        assert engine.stats.reference_prompt_tokens > before  # served by the reference path
+    finally:
+        bench.use_reference_serving(engine, False)
+    before = engine.stats.reference_prompt_tokens
+    assert [lm(p)[0] for p in prompts] == expected  # the engine's own serving: the same greedy text
+    assert engine.stats.reference_prompt_tokens == before

@@ -15,7 +15,6 @@ from helpers.program.research_hop import ResearchHop, walkthrough
 from helpers.search import retrieval
 from helpers.util.errors import TutorialError
 
-pytestmark = pytest.mark.model  # make test-fast leaves these out
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +24,7 @@ def setup(mini_cache):
     return lm, retrieval.load_search(mini_cache), dev
 
 
+@pytest.mark.model
 def test_guided_adapter_writes_the_markers_and_parses(setup):
     lm, _, _ = setup
     with dspy.context(lm=lm, adapter=GuidedChatAdapter()):
@@ -34,6 +34,7 @@ def test_guided_adapter_writes_the_markers_and_parses(setup):
     assert last[-1]["role"] == "assistant" and last[-1]["content"].endswith("[[ ## answer ## ]]\n")
 
 
+@pytest.mark.model
 def test_guided_reply_is_a_complete_chat_adapter_reply(setup):
     """The joined reply ends with ChatAdapter's ``[[ ## completed ## ]]`` marker, as GRPO's training format does."""
     lm, _, _ = setup
@@ -45,6 +46,7 @@ def test_guided_reply_is_a_complete_chat_adapter_reply(setup):
     assert reply == adapter.format_assistant_message_content(signature, adapter.parse(signature, reply))
 
 
+@pytest.mark.model
 def test_max_tokens_of_a_dspy_call_reaches_the_engine(setup):
     lm, _, _ = setup
     engine = local_lm.live_engine(local_lm.MODEL_NAME)
@@ -53,6 +55,7 @@ def test_max_tokens_of_a_dspy_call_reaches_the_engine(setup):
     assert text and 0 < engine.stats.generated_tokens - before <= 5
 
 
+@pytest.mark.model
 def test_run_eval_rows_match_the_claim_only_search_at_hop_0(setup):
     lm, search, dev = setup
     program = ResearchHop(num_docs=4, num_hops=2, search=search)
@@ -66,6 +69,7 @@ def test_run_eval_rows_match_the_claim_only_search_at_hop_0(setup):
     assert (rows["recall"] >= top4.per_claim["recall"] - 1e-9)[ok].all()  # hop 1 only adds pages
 
 
+@pytest.mark.model
 def test_parse_failures_score_zero_and_name_the_module(setup, capsys):
     lm, search, dev = setup
     program = ResearchHop(num_docs=4, num_hops=2, search=search)
@@ -85,6 +89,7 @@ def test_progress_prints_fixed_counts_whatever_order_threads_finish_in():
     assert stream.getvalue() == "scored: 3 5 8 10 13 15 18 20 23 25 · 1.5 s\n"
 
 
+@pytest.mark.model
 def test_walkthrough_lists_both_hops(setup):
     lm, search, dev = setup
     program = ResearchHop(num_docs=4, num_hops=2, search=search)
@@ -108,6 +113,7 @@ def test_adapter_choice_is_saved_and_bad_names_fail_in_one_line(mini_profile):
     assert isinstance(adapter_choice.chosen_adapter(mini_profile), GuidedChatAdapter)  # the profile's default
 
 
+@pytest.mark.model
 def test_reports_round_trip_through_the_cache(setup, mini_profile):
     _, search, dev = setup
     report = evaluation.claim_only_report(dev[:5], search, k=8)
@@ -117,6 +123,7 @@ def test_reports_round_trip_through_the_cache(setup, mini_profile):
     assert evaluation.load_report(mini_profile, "missing") is None
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("name", ["ChatAdapter", "XMLAdapter"])
 def test_a_parse_rate_measures_its_own_format_without_a_silent_json_retry(setup, name):
     """dspy's ChatAdapter and XMLAdapter retry a failed parse with JSONAdapter by default: a rate would count the

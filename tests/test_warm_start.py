@@ -14,7 +14,6 @@ from helpers.rl import warm_start
 from helpers.search import retrieval
 from helpers.util.errors import TutorialError
 
-pytestmark = pytest.mark.model  # make test-fast leaves these out
 
 CLAIM = "The Forest of Velvet Shadows's director was born in the same town that is home to Endless Ember Pictures."
 DOCS = [
@@ -44,6 +43,7 @@ def test_teacher_copies_the_maker_from_the_page_the_claim_names():
     assert warm_start.teach_query("The Silver City was made by ...", [missing["new_key_facts"]])["followup_search_query"] == "The Silver City"
 
 
+@pytest.mark.model
 def test_teacher_finds_hidden_pages_with_bm25_alone(setup):
     _, _, search, _, dev = setup
     checked = 0
@@ -66,6 +66,7 @@ def test_teacher_finds_hidden_pages_with_bm25_alone(setup):
     assert teacher["hidden-page recall %"] > 20
 
 
+@pytest.mark.model
 def test_sft_rows_are_the_prompts_the_engine_is_fed(setup, monkeypatch):
     """Run ResearchHop through dspy, the adapter and the engine with the teacher's values as the LM's output:
     the token ids the decoder receives for each field call are the rows' prompt ids, in order."""
@@ -111,6 +112,7 @@ def test_sft_rows_are_the_prompts_the_engine_is_fed(setup, monkeypatch):
     assert pred.queries[1] == teacher[2][2]["followup_search_query"]  # the program searched the teacher's query
 
 
+@pytest.mark.model
 def test_shared_prefix_logprobs_equal_the_per_row_ones(setup):
     _, engine, search, train, _ = setup
     rows = warm_start.teacher_traces(ResearchHop(4, 2, search), train[1:2], search)
@@ -124,6 +126,7 @@ def test_shared_prefix_logprobs_equal_the_per_row_ones(setup):
     assert torch.allclose(shared, single, atol=1e-4)
 
 
+@pytest.mark.model
 def test_one_sft_step_lowers_the_nll_and_clears_the_prefix_cache(setup):
     lm, engine, search, train, _ = setup
     rows = [r for r in warm_start.teacher_traces(ResearchHop(4, 2, search), train[2:3], search)
@@ -141,6 +144,7 @@ def test_one_sft_step_lowers_the_nll_and_clears_the_prefix_cache(setup):
         lora_policy.remove_lora(engine)
 
 
+@pytest.mark.model
 def test_a_saved_warm_start_is_merged_once_and_keeps_what_it_learned(setup, tmp_path):
     lm, engine, search, train, _ = setup
     rows = [r for r in warm_start.teacher_traces(ResearchHop(4, 2, search), train[2:3], search)
@@ -180,3 +184,45 @@ def test_a_saved_warm_start_is_merged_once_and_keeps_what_it_learned(setup, tmp_
         engine.merged = None
         engine.weights_changed()
     assert warm_start.nll(engine, rows) == pytest.approx(untrained, abs=1e-4)
+
+
+def _slow_clock(monkeypatch, seconds_per_reading: float):
+    """Every reading of time.perf_counter is ``seconds_per_reading`` later: a machine that is very slow, or busy."""
+    now = [0.0]
+
+    def reading():
+        now[0] += seconds_per_reading
+        return now[0]
+
+    monkeypatch.setattr(warm_start.time, "perf_counter", reading)
+
+
+@pytest.mark.model
+def test_the_warm_start_trains_every_step_however_slow_the_machine(setup, monkeypatch):
+    """What is learnt must not depend on how fast the machine is: no wall-clock cap unless one is asked for."""
+    lm, engine, search, train, _ = setup
+    merged = []
+    monkeypatch.setattr(warm_start, "merge_into_base", lambda engine, label: merged.append(label))
+    _slow_clock(monkeypatch, 11 * 60)  # eleven minutes pass between any two readings of the clock
+    try:
+        log = warm_start.run(ResearchHop(4, 2, search), train[2:3], search, GuidedChatAdapter(),
+                             warm_start.Settings(train_claims=1, steps=3, batch=1))
+        assert log.steps == 3 and len(log.losses) == 3 and not log.stopped_early
+        assert len(merged) == 1
+    finally:
+        lora_policy.remove_lora(engine)
+
+
+@pytest.mark.model
+def test_a_time_cap_that_is_hit_says_so(setup, monkeypatch, capsys):
+    lm, engine, search, train, _ = setup
+    rows = [r for r in warm_start.teacher_traces(ResearchHop(4, 2, search), train[2:3], search)
+            if r.predictor == "generate_query"]
+    _slow_clock(monkeypatch, 60)
+    try:
+        log = warm_start.sft(engine, rows, steps=5, lr=1e-3, batch=1, max_seconds=90)
+        assert log.stopped_early and log.steps < 5
+        said = capsys.readouterr().out
+        assert f"stopped after {log.steps} of 5 steps" in said and "time cap" in said
+    finally:
+        lora_policy.remove_lora(engine)

@@ -30,7 +30,7 @@ from dspy.clients.utils_finetune import TrainDataFormat
 from helpers.backend.grpo_data import DataCheck, OnPolicyData
 from helpers.backend.lora_policy import LoraPolicy
 from helpers.engine import local_lm
-from helpers.profiles import display_path
+from helpers.util.paths import display_path
 from helpers.util import atomic
 from helpers.util.errors import TutorialError
 

@@ -11,7 +11,7 @@ It replaces ``model.generate`` for four reasons (measured in benchmarks/lm_throu
   ids, the sampled token ids and their log-probabilities at the sampling temperature. GRPO (06)
   trains on these records, never on text re-tokenised afterwards.
 * **A value cannot be blank.** With ``nonblank=True`` the first token must contain a visible
-  character, so GuidedChatAdapter's fields always parse (a blank field used to end a rollout).
+  character, so GuidedChatAdapter's fields always parse (a blank field would end the rollout).
 
 Greedy decoding takes the arg-max of the raw logits, as ``generate`` does; sampling applies
 temperature, then top-k, then top-p, in ``generate``'s order.

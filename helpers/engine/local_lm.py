@@ -24,6 +24,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dspy.utils.exceptions import ContextWindowExceededError
+
 from helpers.engine import decoding, grouped_attention, weight_packing
 from helpers.engine.prefix_cache import DEFAULT_BUDGET_MB, PrefixCache
 from helpers.engine.threads import configure_threads
@@ -154,6 +156,11 @@ class _Job:
     future: Future = field(default_factory=Future)
 
 
+class ContextWindowError(ContextWindowExceededError, TutorialError):
+    """A prompt, or a max_tokens, past the model's context window, in one line. It is DSPy's own type, so DSPy passes
+    it on as it is (and modules such as ReAct that catch it shorten their history), and a TutorialError."""
+
+
 class BatchingEngine:
     """A DSPy custom engine: ``complete(Request)`` from many threads, decoded together by one worker thread."""
 
@@ -190,11 +197,28 @@ class BatchingEngine:
             max_tokens=int(config.max_tokens or 256),
         )
         job = _Job(_chat_messages(request), sampling, tuple(config.stop or ()), _OPTIONS.get())
+        self._check_fits(job)
         self._ensure_worker()
         self._queue.put(job)
         text, prompt_tokens, new_tokens, finish = job.future.result()
         return Response(id=None, model=self.name, message=Message.assistant([TextPart(text)]), finish_reason=finish,
                         usage=Usage(input_tokens=prompt_tokens, output_tokens=new_tokens, total_tokens=prompt_tokens + new_tokens))
+
+    @property
+    def context_window(self) -> int:
+        """Tokens the model reads at most, prompt and reply together (SmolLM2-135M: 8,192)."""
+        return int(self.model.config.max_position_embeddings)
+
+    def _check_fits(self, job) -> None:
+        """A prompt past the context window, or a max_tokens past it, is refused at once (it would decode garbage)."""
+        window, asked = self.context_window, job.sampling.max_tokens
+        if asked > window:
+            raise ContextWindowError(model=self.name, message=f"max_tokens={asked:,} is more than the model's {window:,}-token "
+                                     f"context: ask for at most {window:,} (the reply ends where the context is full anyway)")
+        tokens = len(prompt_ids(self.tokenizer, job.messages))
+        if tokens >= window:
+            raise ContextWindowError(model=self.name, message=f"the prompt has {tokens:,} tokens, past the model's {window:,}-token "
+                                     f"context: shorten it (e.g. fewer num_docs or shorter documents)")
 
     def stream(self, request):
         from dspy.lm15 import response_to_events
@@ -279,7 +303,8 @@ class BatchingEngine:
                 for job in joining:
                     waiting.remove(job)
                     admitted.append(job)
-                    batch.add(prompt_ids(self.tokenizer, job.messages), job.sampling.max_tokens, job.stop,
+                    ids = prompt_ids(self.tokenizer, job.messages)
+                    batch.add(ids, min(job.sampling.max_tokens, self.context_window - len(ids)), job.stop,
                               job.options.nonblank, owner=job)
                 if joining:
                     self.stats.batch_sizes.append(len(joining))

@@ -63,12 +63,28 @@ def backend_kwargs(preset: GRPOPreset, profile: Profile, program, log: "HiddenPa
     starting adapter can win "best checkpoint" too. ``progress=True`` prints one line per step (``step_line``).
     """
     settings = {**preset.compile_kwargs, **overrides}
-    extra = {"on_step": log.wrap(on_step, settings["num_train_steps"] if progress else None),
+    log.steps = settings["num_train_steps"]
+    extra = {"on_step": log.wrap(on_step, progress),
              "initial_score": initial_score if on_step else None,
+             "predictors": len(program.predictors()),
              # one group per example and predictor
              "groups_per_step": settings["num_dspy_examples_per_grpo_step"] * len(program.predictors()),
              "seed": overrides.get("seed", 0)}  # GRPO's own seed only picks the claims; this one also picks the samples
     return train_kwargs_for(preset, checkpoint_dir(profile), **extra)
+
+
+def fit_backend(compiler, train_kwargs: dict) -> dict:
+    """Make the CPU backend follow the ``GRPO(...)`` call it serves: groups per step, step count, format reward.
+
+    ``backend_kwargs`` starts from the preset; a call written with other values (06 invites that) would otherwise
+    have the job promise dspy the preset's number of groups per step -- dspy then refills each step with repeated
+    groups -- and the progress lines count the preset's steps. ``train_kwargs`` must be the dict the call was given.
+    """
+    train_kwargs["groups_per_step"] = compiler.num_dspy_examples_per_grpo_step * train_kwargs["predictors"]
+    train_kwargs["format_failure_score"] = compiler.format_failure_score
+    if isinstance(compiler.metric, HiddenPageLog):
+        compiler.metric.steps = compiler.num_train_steps
+    return train_kwargs
 
 
 @contextlib.contextmanager
@@ -94,6 +110,7 @@ def train(program, trainset, lm, adapter, metric, preset: GRPOPreset, profile: P
     train_kwargs = backend_kwargs(preset, profile, program, log, on_step, initial_score, progress, **overrides)
     program.set_lm(lm)
     compiler = make_compiler(preset, log, adapter, train_kwargs, lm=lm, **overrides)
+    fit_backend(compiler, train_kwargs)
     with one_line_per_step():
         trained = compiler.compile(student=program, trainset=trainset, valset=None)
     return trained, job_of(lm)
@@ -108,6 +125,7 @@ class HiddenPageLog:
 
     def __init__(self, metric):
         self.metric, self.found = metric, {}
+        self.steps = None  # GRPO's num_train_steps, for the progress lines (set by backend_kwargs, fit_backend)
         self.__name__ = getattr(metric, "__name__", "metric")
 
     def __call__(self, example, pred, trace=None):
@@ -116,14 +134,14 @@ class HiddenPageLog:
             self.found[example.claim] = self.found.get(example.claim, False) or hidden > 0
         return self.metric(example, pred, trace)
 
-    def wrap(self, on_step, print_steps: int | None = None):
+    def wrap(self, on_step, progress: bool = False):
         def after_step(record):
             record.hidden_found = sum(self.found.values()) / len(self.found) if self.found else None
             self.found = {}
             score = on_step(record) if on_step is not None else None
-            if print_steps:
+            if progress:
                 record.held_back_recall = score
-                print(step_line(record, print_steps), flush=True)
+                print(step_line(record, self.steps), flush=True)
             return score
 
         return after_step

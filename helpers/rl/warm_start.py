@@ -212,6 +212,7 @@ class SFTLog:
     grad_norms: list = field(default_factory=list)
     seconds: float = 0.0
     rows: int = 0
+    stopped_early: bool = False  # a ``max_seconds`` cap ended it before ``steps``
 
 
 def calls(rows: list[SFTRow]) -> list[list[SFTRow]]:
@@ -262,7 +263,7 @@ def sft(engine, rows: list[SFTRow], steps: int, lr: float = 1e-3, batch: int = 4
     1.0; the engine's lock held for each step and ``engine.weights_changed(base=False)`` called after it (the prefix KV
     cache holds states of the old weights). A step takes the field rows of ``batch`` calls (``calls``), of one
     predictor so their lengths match; calls are drawn in shuffled passes seeded by ``seed``. ``max_seconds``
-    stops early (the log says how many steps ran). The adapter stays active on the engine afterwards
+    (default: none) stops early, and then says so: what is learnt would depend on the machine's speed. The adapter stays active on the engine afterwards
     (``merge_into_base`` bakes it in before GRPO).
     """
     import torch
@@ -283,6 +284,9 @@ def sft(engine, rows: list[SFTRow], steps: int, lr: float = 1e-3, batch: int = 4
     log = SFTLog(adapter_name, 0, rows=len(rows))
     for step in range(steps):
         if max_seconds is not None and time.perf_counter() - start > max_seconds:
+            log.stopped_early = True
+            print(f"  SFT stopped after {step} of {steps} steps: the time cap of {max_seconds / 60:.1f} min was hit, "
+                  "so this warm start learnt less than the same settings do on a faster machine", flush=True)
             break
         if not plan:  # one pass: every call once, in batches of one predictor, batches shuffled
             for groups in by_predictor.values():
@@ -305,8 +309,9 @@ def sft(engine, rows: list[SFTRow], steps: int, lr: float = 1e-3, batch: int = 4
         log.steps = step + 1
         if log_every and (step + 1) % log_every == 0:
             recent = log.losses[-log_every:]
+            elapsed = time.perf_counter() - start
             print(f"  SFT step {step + 1}/{steps}: loss {sum(recent) / len(recent):.3f} "
-                  f"[{time.perf_counter() - start:.0f} s]", flush=True)
+                  f"[{elapsed:.0f} s, about {elapsed / (step + 1) * (steps - step - 1):.0f} s to go]", flush=True)
     for p in params:
         p.requires_grad_(False)
     log.seconds = time.perf_counter() - start
@@ -371,7 +376,7 @@ class Settings:
     batch: int = 2
     lr: float = 2e-3
     seed: int = 0
-    max_minutes: float = 10.0  # SFT stops after this long, whatever ``steps`` says
+    max_minutes: float | None = None  # a time cap: SFT stops after this long, whatever ``steps`` says (and says so)
 
     @property
     def label(self) -> str:
@@ -389,7 +394,7 @@ def run(program, trainset, search, adapter, settings: Settings = Settings(), sav
         raise RuntimeError("the warm start trains the embedded LM: build it with lm_setup.make_lm(profile) first")
     rows = teacher_traces(program, trainset[: settings.train_claims], search, engine.tokenizer, adapter)
     log = sft(engine, rows, settings.steps, lr=settings.lr, batch=settings.batch, seed=settings.seed,
-              max_seconds=60 * settings.max_minutes, log_every=log_every)
+              max_seconds=None if settings.max_minutes is None else 60 * settings.max_minutes, log_every=log_every)
     if save_to is not None:
         save_adapter(engine, save_to, label=settings.label)
     merge_into_base(engine, settings.label)

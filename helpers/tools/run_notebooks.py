@@ -54,6 +54,9 @@ def main(argv=None) -> int:
     paths = sorted(args.notebooks.glob("[0-9][0-9]_*.ipynb"))
     if args.only:
         paths = [p for p in paths if p.name.startswith(tuple(args.only))]
+    if not paths:
+        parser.error(f"no notebook in {args.notebooks} matches --only {' '.join(args.only or [])}: "
+                     "give name prefixes such as 02 03")
     total = 0.0
     for path in paths:
         out = path if args.in_place else args.out / path.name
