@@ -210,15 +210,18 @@ class BatchingEngine:
         return int(self.model.config.max_position_embeddings)
 
     def _check_fits(self, job) -> None:
-        """A prompt past the context window, or a max_tokens past it, is refused at once (it would decode garbage)."""
+        """A max_tokens past the context window is refused at once; a prompt past it, by the worker (``_too_long``)."""
         window, asked = self.context_window, job.sampling.max_tokens
         if asked > window:
             raise ContextWindowError(model=self.name, message=f"max_tokens={asked:,} is more than the model's {window:,}-token "
                                      f"context: ask for at most {window:,} (the reply ends where the context is full anyway)")
-        tokens = len(prompt_ids(self.tokenizer, job.messages))
-        if tokens >= window:
-            raise ContextWindowError(model=self.name, message=f"the prompt has {tokens:,} tokens, past the model's {window:,}-token "
-                                     f"context: shorten it (e.g. fewer num_docs or shorter documents)")
+
+    def _too_long(self, tokens: int) -> Exception | None:
+        """The error for a prompt of ``tokens`` tokens that leaves no room to decode (it would decode garbage), or None."""
+        if tokens < self.context_window:
+            return None
+        return ContextWindowError(model=self.name, message=f"the prompt has {tokens:,} tokens, past the model's "
+                                  f"{self.context_window:,}-token context: shorten it (e.g. fewer num_docs or shorter documents)")
 
     def stream(self, request):
         from dspy.lm15 import response_to_events
@@ -302,8 +305,11 @@ class BatchingEngine:
                 joining = [job for job in waiting if _mode(job.sampling) == mode][:room]
                 for job in joining:
                     waiting.remove(job)
+                    ids = prompt_ids(self.tokenizer, job.messages)  # here: the tokenizer is the worker's alone
+                    if (refused := self._too_long(len(ids))) is not None:
+                        job.future.set_exception(refused)
+                        continue
                     admitted.append(job)
-                    ids = prompt_ids(self.tokenizer, job.messages)
                     batch.add(ids, min(job.sampling.max_tokens, self.context_window - len(ids)), job.stop,
                               job.options.nonblank, owner=job)
                 if joining:
