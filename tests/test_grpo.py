@@ -304,6 +304,49 @@ def test_dspy_grpo_drives_the_backend_on_policy(trainable, mini_cache):
     assert {"step-0000", "step-0001", "step-0002"} <= set(job.checkpoints)
     saved = grpo_training.save_trained(mini_cache, trained, job)
     assert (saved / "program.json").exists() and (saved / "adapter").is_dir()
+    _reload_checks(mini_cache, saved, trained, search, train[0].claim, adapter)
+
+
+def _reload_checks(profile, saved, trained, search, claim, adapter):
+    """A saved program is data: it reloads to the same prediction, its LM settings are never applied, and a damaged
+    or foreign file is refused in one line before any weight changes."""
+    import json
+
+    eval_lm = lm_setup.make_lm(profile, temperature=0.0, cache=False)
+    trained.set_lm(eval_lm)
+    with dspy.context(adapter=adapter):
+        expected = trained(claim=claim).retrieved_docs
+        fresh = lambda: ResearchHop(num_docs=4, num_hops=2, search=search)  # noqa: E731
+        assert grpo_training.load_trained(profile, fresh(), lm=eval_lm)(claim=claim).retrieved_docs == expected
+        program_file = saved / "program.json"
+        good = json.loads(program_file.read_text())
+        hostile = json.loads(program_file.read_text())
+        for name in ("generate_query.predict", "append_notes.predict"):  # prompts to another host, a module to import
+            hostile[name]["lm"] = {"_dspy_lm_class": "http.server.HTTPServer", "model": "openai/elsewhere",
+                                   "api_base": "http://127.0.0.1:9/v1", "model_type": "chat"}
+        program_file.write_text(json.dumps(hostile))
+        reloaded = grpo_training.load_trained(profile, fresh(), lm=eval_lm)
+        assert all(p.lm is eval_lm for p in reloaded.predictors())
+        assert reloaded(claim=claim).retrieved_docs == expected  # answered by the engine, not the file's endpoint
+        engine = local_lm.live_engine(local_lm.MODEL_NAME)
+        damaged = [("{", "unreadable"), (json.dumps([1]), "not this program's predictors"),
+                   (json.dumps({**good, "extra.predict": {}}), "not this program's predictors"),
+                   (json.dumps({**good, "append_notes.predict": {**good["append_notes.predict"], "forward": 1}}),
+                    "program.save does not write")]
+        for text, said in damaged:
+            program_file.write_text(text)
+            adapters = set(engine.peft_model.peft_config) if engine.peft_model is not None else set()
+            with pytest.raises(TutorialError, match=said) as err:
+                grpo_training.load_trained(profile, fresh(), lm=eval_lm, adapter_name="never")
+            assert "\n" not in str(err.value)
+            after = set(engine.peft_model.peft_config) if engine.peft_model is not None else set()
+            assert "never" not in after and after == adapters  # refused before the adapter was loaded
+        program_file.write_text(json.dumps(good))
+        record = json.loads((saved / "trained.json").read_text())
+        (saved / "trained.json").write_text(json.dumps({**record, "warm_start": True}))  # says so, holds none
+        with pytest.raises(TutorialError, match="warm_start/ folder is missing"):
+            grpo_training.load_trained(profile, fresh(), lm=eval_lm, adapter_name="never")
+        (saved / "trained.json").write_text(json.dumps(record))
 
 
 @pytest.mark.model

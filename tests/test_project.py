@@ -218,7 +218,7 @@ def test_helpers_layers_import_downward_only_and_without_cycles():
 
 def test_the_project_speaks_in_the_present_tense():
     """History lives in git: what users read names no work periods, no tickets, no earlier states of the code."""
-    pattern = re.compile(r"session [0-9]|issue [0-9]|\bas found\b", re.I)  # not "was founded by", the mini world's text
+    pattern = re.compile(r"session\s[0-9]|issue\s[0-9]|\bas\sfound\b", re.I)  # words, not the mini world's "founded by"
     places = [ROOT / "README.md", *(ROOT / "benchmarks").rglob("*"), *(ROOT / "helpers").rglob("*.py"),
               *(ROOT / "tests").rglob("*.py"), *NOTEBOOKS, *(ROOT / "docs").rglob("*.md")]
     hits = [f"{p.relative_to(ROOT)}: {line.strip()[:80]}" for p in places if p.is_file() and p.suffix in (".py", ".md", ".ipynb")

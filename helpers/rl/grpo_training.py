@@ -275,11 +275,42 @@ def save_trained(profile: Profile, program, job, name: str = "researchhop_grpo",
     return target
 
 
-def load_trained(profile: Profile, fresh_program, name: str = "researchhop_grpo", adapter_name: str = "reloaded"):
-    """Load the saved adapter into the live engine (as ``adapter_name``) and the saved program into ``fresh_program``.
+PREDICTOR_STATE = {"traces", "train", "demos", "signature", "lm"}  # what dspy's program.save writes per predictor
 
-    If the run started from a warm start, its adapter is merged into the engine's weights first (once: an engine
-    that already carries it, as in the notebook that trained it, is left as it is).
+
+def saved_program_state(path: Path, fresh_program) -> dict:
+    """``program.json`` read as data: each predictor's instructions, fields and demos, and never its LM.
+
+    The saved LM state says where prompts go (``api_base``) and which class to import; applying it would let a file
+    send every prompt elsewhere or import any installed module, so it is dropped: the caller names the LM. A file
+    whose predictors or keys are not the ones ``program.save`` writes for ``fresh_program`` is refused in one line.
+    """
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise TutorialError(f"{path} is unreadable ({type(exc).__name__}): run 06_grpo_training again to save it") from None
+    names = {name for name, _ in fresh_program.named_predictors()}
+    if not isinstance(state, dict) or set(state) - {"metadata"} != names:
+        found = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise TutorialError(f"{path} holds {found}, not this program's predictors {sorted(names)}: save it from the same "
+                            "program (06_grpo_training)")
+    for name in names:
+        predictor = state[name]
+        extra = set(predictor) - PREDICTOR_STATE if isinstance(predictor, dict) else None
+        if extra or not isinstance(predictor, dict) or not isinstance(predictor.get("signature"), dict):
+            raise TutorialError(f"{path}: predictor {name} has {sorted(extra) if extra else 'no signature'}, which "
+                                "program.save does not write: run 06_grpo_training again to save it")
+        predictor["lm"] = None
+    return state
+
+
+def load_trained(profile: Profile, fresh_program, lm, name: str = "researchhop_grpo", adapter_name: str = "reloaded"):
+    """Load the saved adapter into the live engine (as ``adapter_name``) and the saved program into ``fresh_program``,
+    whose predictors then use ``lm`` (the file's own LM settings are never applied: ``saved_program_state``).
+
+    Everything is checked before any weight changes: the program file, the folder's record of how it was trained, the
+    live engine. If the run started from a warm start, its adapter is merged into the engine's weights first (once:
+    an engine that already carries it, as in the notebook that trained it, is left as it is).
     """
     from helpers.backend import lora_policy
     from helpers.rl import warm_start
@@ -287,13 +318,29 @@ def load_trained(profile: Profile, fresh_program, name: str = "researchhop_grpo"
     folder = profile.cache_dir / "trained" / name
     if not (folder / "program.json").exists():
         raise TutorialError(f"no trained program in {folder}: run 06_grpo_training first")
+    state = saved_program_state(folder / "program.json", fresh_program)
+    try:
+        record = json.loads((folder / "trained.json").read_text())
+        warm = record["warm_start"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise TutorialError(f"{folder / 'trained.json'} is missing or damaged ({type(exc).__name__}): run "
+                            "06_grpo_training again to save the trained program") from None
+    if warm is not True and warm is not False:
+        raise TutorialError(f"{folder / 'trained.json'}: warm_start is {warm!r}, not true or false: run 06 again to save it")
+    if warm and not (folder / "warm_start").is_dir():
+        raise TutorialError(f"{folder} was trained on top of a warm start, but its warm_start/ folder is missing: "
+                            "run 06_grpo_training again to save it whole")
+    if not (folder / "adapter").is_dir():
+        raise TutorialError(f"{folder} has no adapter/ folder: run 06_grpo_training again to save it whole")
     engine = local_lm.live_engine(local_lm.MODEL_NAME)
     if engine is None:
         raise TutorialError("load_trained needs the embedded LM: build it with lm_setup.make_lm(profile) first")
-    if (folder / "warm_start").exists():
+    if not warm and getattr(engine, "merged", None):
+        raise TutorialError(f"this GRPO result was trained without a warm start, but the live model carries one "
+                            f"({engine.merged}): restart the kernel, then load it")
+    if warm:
         warm_start.apply_saved(engine, folder / "warm_start")
     lora_policy.activate_adapter(engine, folder / "adapter", adapter_name)
-    # the saved LM names our engine class (helpers.engine.local_lm.BatchingEngine); DSPy asks before importing it
-    fresh_program.load(str(folder / "program.json"), allow_pickle=False, allow_unsafe_lm_state=True)
+    fresh_program.load_state(state)
+    fresh_program.set_lm(lm)
     return fresh_program
-
