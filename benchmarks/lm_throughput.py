@@ -117,9 +117,13 @@ def serve_static_batches(self, waiting):
     deadline = time.monotonic() + 0.05
     while len(waiting) < self.max_batch:
         try:
-            waiting.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+            job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
         except queue.Empty:
             break
+        if job is local_lm._STOP:  # the engine is stopping: serve what is here, then end
+            self._stopping = True
+            break
+        waiting.append(job)
     batch, waiting[:] = waiting[: self.max_batch], waiting[self.max_batch:]
     groups = {}
     for job in batch:

@@ -7,6 +7,7 @@ import warnings
 
 from helpers.engine.threads import configure_threads
 from helpers.profiles import get_profile, Profile
+from helpers.util.errors import TutorialError
 from helpers.util.paths import display_path
 
 
@@ -35,7 +36,11 @@ def start(name: str | None = None) -> Profile:
     """Resolve the profile, prepare the environment and print a one-line banner (every notebook)."""
     profile = get_profile(name)
     configure_environment(profile)
-    profile.cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        profile.cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TutorialError(f"cannot create the cache folder {profile.cache_dir} ({exc.strerror}): set RLMH_CACHE_DIR "
+                            "to a folder you can write") from None
     where = "Colab" if "google.colab" in sys.modules else "local"
     print(f"rl-multihop · profile {profile.name!r} ({profile.summary}) · {where} · cache {display_path(profile.cache_dir)}")
     return profile
@@ -75,7 +80,6 @@ def profile_settings(profile: Profile) -> dict:
 def check_cache_writable(profile: Profile) -> str:
     """Write, read back and delete a probe file in the cache; raise a one-line error if that fails."""
     from helpers.util import atomic
-    from helpers.util.errors import TutorialError
 
     probe = profile.cache_dir / ".write-probe"
     try:

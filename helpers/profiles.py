@@ -82,7 +82,7 @@ class Profile:
 def cache_dir_for(name: str) -> Path:
     """``$RLMH_CACHE_DIR/<name>``, else ``cache/<name>`` in a checkout, else ``~/.cache/rl-multihop/<name>``."""
     root = os.environ.get(CACHE_ENV)
-    base = Path(root).expanduser() if root else _default_cache_root()
+    base = _absolute(root) if root else _default_cache_root()
     folder = (base / name).resolve()
     for existing in (folder, *folder.parents):  # the nearest part that exists must be a folder
         if existing.exists():
@@ -92,6 +92,19 @@ def cache_dir_for(name: str) -> Path:
                                     f"point {CACHE_ENV} at a folder (or delete the file)")
             break
     return folder
+
+
+def _absolute(root: str) -> Path:
+    """``$RLMH_CACHE_DIR`` as a folder: ``~`` expanded; a relative path is refused (notebooks run in notebooks/, the
+    command line wherever it starts, so they would use two different caches)."""
+    try:
+        path = Path(root).expanduser()
+    except RuntimeError:  # ~someone who is not a user here
+        path = Path(root)
+    if not path.is_absolute():
+        raise TutorialError(f"{CACHE_ENV}={root} is not an absolute path: the notebooks and the command line would use "
+                            f"different caches; give a full path, e.g. {CACHE_ENV}=$HOME/rlmh-cache")
+    return path
 
 
 def _default_cache_root() -> Path:

@@ -17,12 +17,13 @@ class FileServer:
     Per-path misbehaviour: ``content_type[path]``; ``no_length`` (no Content-Length, body ends when the
     connection closes); ``chunked`` (Transfer-Encoding: chunked, a cut leaves the last chunk unfinished);
     ``range_from_zero`` (a Range request gets ``206`` with the body from byte 0); ``delay[path]`` seconds
-    before each 64 KiB block.
+    before each 64 KiB block; ``length[path]``: this Content-Length header instead of the true one (the body ends when
+    the connection closes).
     """
 
     def __init__(self):
         self.files, self.cut, self.requests = {}, {}, []
-        self.content_type, self.delay = {}, {}
+        self.content_type, self.delay, self.length = {}, {}, {}
         self.no_length, self.chunked, self.range_from_zero = set(), set(), set()
         server = self
 
@@ -61,6 +62,9 @@ class FileServer:
                     self.send_header("Transfer-Encoding", "chunked")
                 elif self.path in server.no_length:
                     self.send_header("Connection", "close")
+                elif self.path in server.length:
+                    self.send_header("Content-Length", server.length[self.path])
+                    self.send_header("Connection", "close")
                 else:
                     self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
@@ -72,7 +76,8 @@ class FileServer:
                     for i in range(0, len(payload), 1 << 16):
                         time.sleep(server.delay.get(self.path, 0))
                         self.wfile.write(payload[i:i + (1 << 16)])
-                if limit is not None or self.path in server.no_length or self.path in server.chunked:
+                if limit is not None or self.path in server.no_length or self.path in server.chunked \
+                        or self.path in server.length:
                     self.close_connection = True
 
             def _send_chunked(self, payload, complete):

@@ -86,3 +86,61 @@ def test_clean_folder_removes_old_temps_of_earlier_versions(tmp_path):
         os.utime(path, (day_ago, day_ago))
     atomic.clean_folder(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([recent.name, live.name])
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_crash_between_the_two_renames_keeps_the_good_copy(tmp_path):
+    """atomic_dir moves the old folder aside, then the new one in: a writer killed between the two leaves the only
+    good copy in .NAME.old-PID. The next reader or writer puts it back instead of deleting it."""
+    target = tmp_path / "trained"
+    with atomic.atomic_dir(target) as tmp:
+        (tmp / "program.json").write_text("good")
+    aside = tmp_path / f".trained.old-{_dead_pid()}"
+    os.replace(target, aside)  # the writer died here
+    atomic.recover(target)
+    assert (target / "program.json").read_text() == "good" and not aside.exists()
+    os.replace(target, aside)
+    with atomic.atomic_dir(target) as tmp:  # the next write: the good copy is recovered first, then replaced
+        (tmp / "program.json").write_text("newer")
+    assert (target / "program.json").read_text() == "newer" and list(tmp_path.iterdir()) == [target]
+
+
+def test_a_write_that_fails_halfway_leaves_the_old_file_whole(tmp_path, monkeypatch):
+    target = tmp_path / "scores.json"
+    atomic.write_text(target, "old and whole")
+
+    def half_then_fail(self, data):
+        with open(self, "wb") as f:
+            f.write(data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", half_then_fail)
+    with pytest.raises(OSError):
+        atomic.write_text(target, "new " * 1000)
+    monkeypatch.undo()
+    assert target.read_text() == "old and whole" and list(tmp_path.iterdir()) == [target]
+
+
+def test_files_and_their_folder_reach_the_disk_before_the_rename_is_trusted(tmp_path, monkeypatch):
+    """A power cut after a rename must not leave a renamed-but-empty file: the data and the folder entry are fsynced."""
+    synced = []
+    real = os.fsync
+
+    def record(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}") if os.path.exists(f"/proc/self/fd/{fd}") else fd)
+        real(fd)
+
+    monkeypatch.setattr(atomic.os, "fsync", record)
+    atomic.write_text(tmp_path / "a.json", "{}")
+    assert any(str(s).startswith(str(tmp_path / ".a.json.")) for s in synced) and str(tmp_path) in synced
+    synced.clear()
+    with atomic.atomic_dir(tmp_path / "index") as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "scores.npy").write_bytes(b"x" * 10)
+    names = [Path(str(s)).name for s in synced]
+    assert "scores.npy" in names and str(tmp_path) in synced

@@ -34,6 +34,66 @@ def test_cached_file_makes_no_network_call(server, tmp_path):
     assert len(server.requests) == 1
 
 
+def test_a_changed_pinned_sha256_is_checked_again_not_trusted_from_the_stamp(server, tmp_path):
+    """The stamp records the sha256 the file was verified against: when the pin changes, the file is checked anew."""
+    url = server.url + "/data/corpus.tar.gz"
+    downloads.fetch(url, tmp_path, sha256=SHA, progress=False)
+    other = "0" * 64  # a new pin the cached bytes do not match
+    with pytest.raises(TutorialError, match="sha256") as err:
+        downloads.fetch(url, tmp_path, sha256=other, progress=False)
+    assert "\n" not in str(err.value)
+    assert downloads.fetch(url, tmp_path, sha256=SHA, progress=False).read_bytes() == PAYLOAD
+
+
+@pytest.mark.parametrize("header", ["abc", "-5", "1e9", ""])
+def test_a_nonsense_content_length_is_no_crash(server, tmp_path, header):
+    """Content-Length: abc (or -5) used to raise a raw ValueError; the size is then unknown and the sha256 decides."""
+    url = server.url + "/data/corpus.tar.gz"
+    server.length["/data/corpus.tar.gz"] = header
+    assert downloads.fetch(url, tmp_path, sha256=SHA, progress=False).read_bytes() == PAYLOAD
+
+
+def test_a_full_disk_says_so_and_keeps_what_arrived(server, tmp_path, monkeypatch):
+    import builtins
+    import errno
+
+    url = server.url + "/data/corpus.tar.gz"
+    real_open = builtins.open
+
+    class FillsUp:
+        def __init__(self, f):
+            self.f, self.room = f, 200_000
+
+        def write(self, block):
+            if self.room < len(block):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.room -= len(block)
+            return self.f.write(block)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+    def opening(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return FillsUp(f) if str(path).endswith(".part") and "b" in mode and ("a" in mode or "w" in mode) else f
+
+    monkeypatch.setattr(downloads, "open", opening, raising=False)
+    monkeypatch.setattr(downloads, "CHUNK", 1 << 16)  # several blocks arrive before the disk is full
+    with pytest.raises(TutorialError, match="no space left") as err:
+        downloads.fetch(url, tmp_path, sha256=SHA, progress=False)
+    assert "\n" not in str(err.value) and "free" in str(err.value)
+    parts = list(tmp_path.glob("*.part"))
+    assert parts and parts[0].stat().st_size > 0  # what arrived is kept, to resume from
+    monkeypatch.undo()
+    assert downloads.fetch(url, tmp_path, sha256=SHA, progress=False).read_bytes() == PAYLOAD
+
+
 def test_404_is_one_line(server, tmp_path):
     with pytest.raises(TutorialError, match=r"HTTP 404") as err:
         downloads.fetch(server.url + "/missing.tar.gz", tmp_path, progress=False)

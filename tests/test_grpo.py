@@ -342,6 +342,7 @@ def _reload_checks(profile, saved, trained, search, claim, adapter):
             after = set(engine.peft_model.peft_config) if engine.peft_model is not None else set()
             assert "never" not in after and after == adapters  # refused before the adapter was loaded
         program_file.write_text(json.dumps(good))
+        _damaged_adapters_are_refused(profile, saved, fresh, eval_lm, engine)
         record = json.loads((saved / "trained.json").read_text())
         (saved / "trained.json").write_text(json.dumps({**record, "warm_start": True}))  # says so, holds none
         with pytest.raises(TutorialError, match="warm_start/ folder is missing"):
@@ -407,3 +408,61 @@ def test_the_backend_follows_the_grpo_call_it_serves(mini_profile):
     assert grpo_training.fit_backend(compiler, train_kwargs) is train_kwargs
     assert train_kwargs["groups_per_step"] == 5 * 2 and train_kwargs["format_failure_score"] == -0.5
     assert reward.steps == 2
+
+
+def test_two_saves_of_the_same_trained_program_take_turns(mini_profile, tmp_path):
+    """Two writers of one trained folder used to collide (raw FileNotFoundError / 'Directory not empty')."""
+    import threading
+    from types import SimpleNamespace
+
+    adapter_dir = tmp_path / "ckpt"
+    adapter_dir.mkdir()
+    (adapter_dir / "adapter_model.safetensors").write_bytes(b"x" * 1000)
+    job = SimpleNamespace(best_checkpoint="step-0001", last_checkpoint="step-0001", job_id="grpo-test",
+                          checkpoints={"step-0001": {"path": adapter_dir}})
+    program = ResearchHop(4, 2, search=lambda query, k: [])
+    errors = []
+
+    def save_many():
+        for _ in range(15):
+            try:
+                grpo_training.save_trained(mini_profile, program, job, name="turns")
+            except Exception as exc:  # noqa: BLE001 - the test collects whatever a collision raises
+                errors.append(repr(exc))
+
+    writers = [threading.Thread(target=save_many) for _ in range(3)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    assert errors == []
+    folder = mini_profile.cache_dir / "trained" / "turns"
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter", "program.json", "trained.json"]
+
+
+def _damaged_adapters_are_refused(profile, saved, fresh, lm, engine):
+    """Adapter tensors named for another model used to report "loaded" with no effect; NaN weights loaded; a rank
+    mismatch or a truncated file gave raw errors. Each is refused in one line, before any weight changes."""
+    from safetensors.torch import load_file, save_file
+
+    weights = next((saved / "adapter").rglob("adapter_model.safetensors"))
+    original = weights.read_bytes()
+    tensors = load_file(weights)
+    first_a = next(k for k in tensors if ".lora_A." in k)
+    cases = [({k.replace("self_attn", "cross_attn"): v for k, v in tensors.items()}, "does not have"),
+             ({**tensors, first_a: tensors[first_a] * float("nan")}, "NaN"),
+             ({k: (v[:4] if ".lora_A." in k else v) for k, v in tensors.items()}, "shape")]
+    try:
+        for bad, said in cases:
+            save_file(bad, weights)
+            adapters = set(engine.peft_model.peft_config) if engine.peft_model is not None else set()
+            with pytest.raises(TutorialError, match=said) as err:
+                grpo_training.load_trained(profile, fresh(), lm=lm, adapter_name="never")
+            assert "\n" not in str(err.value)
+            assert (set(engine.peft_model.peft_config) if engine.peft_model is not None else set()) == adapters
+        weights.write_bytes(original[:1000])
+        with pytest.raises(TutorialError, match="is damaged"):
+            grpo_training.load_trained(profile, fresh(), lm=lm, adapter_name="never")
+    finally:
+        weights.write_bytes(original)
+

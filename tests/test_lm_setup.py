@@ -137,3 +137,11 @@ def test_a_non_http_listener_is_one_line(monkeypatch):
         _one_line(err)
     finally:
         listener.close()
+
+
+@pytest.mark.parametrize("url", ["garbage/v1/", "localhost:7453/v1/", "ftp://host/v1/", "http:///v1/"])
+def test_an_arbor_url_that_is_no_http_url_names_the_variable(monkeypatch, url):
+    monkeypatch.setenv("RLMH_ARBOR_URL", url)
+    with pytest.raises(TutorialError, match="RLMH_ARBOR_URL") as err:
+        lm_setup.make_lm(profiles.get_profile("full"))
+    assert "\n" not in str(err.value) and "http://" in str(err.value)

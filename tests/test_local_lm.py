@@ -3,6 +3,7 @@
 import contextlib
 import importlib.util
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import dspy
 import pytest
@@ -602,3 +603,48 @@ def test_the_benchmarks_reference_serving_gives_the_reference_outputs_and_switch
     before = engine.stats.reference_prompt_tokens
     assert [lm(p)[0] for p in prompts] == expected  # the engine's own serving: the same greedy text
     assert engine.stats.reference_prompt_tokens == before
+
+
+EXIT_SCRIPT = """
+import atexit, os, sys
+from helpers import profiles
+from helpers.program import lm_setup
+lm = lm_setup.make_lm(profiles.get_profile("mini"), temperature=0.0, max_tokens=4, cache=False)
+engine = lm_setup.embedded_engine(profiles.get_profile("mini"))
+print(lm("Hi")[0] != "", engine._worker.is_alive())
+atexit._run_exitfuncs()  # what the interpreter runs at exit, before it stops daemon threads wherever they are
+print(engine._worker.is_alive())
+"""
+
+
+@pytest.mark.model
+def test_at_exit_the_engine_worker_ends_before_the_interpreter_stops_it(mini_cache):
+    """A daemon worker stopped by the interpreter inside torch code aborted the process ('terminate called without an
+    active exception', exit 134) in about one exit of six: at exit the worker now finishes and ends first."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RLMH_CACHE_DIR": str(mini_cache.cache_dir.parent)}
+    done = subprocess.run([sys.executable, "-c", EXIT_SCRIPT], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True", "True", "False"]
+
+
+@pytest.mark.model
+def test_a_damaged_converted_model_is_converted_again(engine, mini_cache, tmp_path, capsys):
+    """A truncated model.safetensors or a broken converted.json gave raw errors with no hint: now it is reconverted."""
+    import shutil
+
+    cached = mini_cache.cache_dir / "models" / local_lm.MODEL_NAME
+    target = tmp_path / "models" / local_lm.MODEL_NAME
+    shutil.copytree(cached, target)
+    weights = target / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100_000])
+    model, _, info = local_lm.load_model(tmp_path)
+    assert info.source == "gguf" and "is damaged" in capsys.readouterr().out
+    assert (model.state_dict()["model.embed_tokens.weight"] == engine.model.state_dict()["model.embed_tokens.weight"]).all()
+    (target / "converted.json").write_text("[")
+    assert local_lm.load_model(tmp_path)[2].source == "gguf"
+    assert local_lm.load_model(tmp_path)[2].source == "cache"  # whole again

@@ -70,3 +70,30 @@ def test_banner_shows_the_cache_relative_to_the_notebook_folder(monkeypatch, tmp
     assert capsys.readouterr().out.rstrip().endswith("· cache ../cache/mini")
     assert bootstrap.display_path(Path.home() / "x" / "cache") == "~/x/cache"
     assert bootstrap.display_path(Path("/opt/elsewhere")) == "/opt/elsewhere"
+
+
+@pytest.mark.parametrize("value", ["relative/cache", "~nosuchuser-rlmh/x"])
+def test_a_relative_cache_dir_is_refused_in_one_line(monkeypatch, value):
+    """A relative folder means one cache for the notebooks (they run in notebooks/) and another for the command line."""
+    monkeypatch.setenv(profiles.CACHE_ENV, value)
+    with pytest.raises(TutorialError, match=r"RLMH_CACHE_DIR=.* is not an absolute path") as err:
+        profiles.get_profile("mini")
+    assert "\n" not in str(err.value)
+
+
+def test_a_read_only_cache_dir_is_one_line_in_the_first_cell(monkeypatch, tmp_path):
+    import os
+
+    if os.geteuid() == 0:  # root writes anywhere: make the folder a read-only mount's stand-in instead
+        import errno
+
+        def refuse(*args, **kwargs):
+            raise OSError(errno.EROFS, "Read-only file system")
+
+        monkeypatch.setattr(profiles.Path, "mkdir", refuse)
+    else:
+        tmp_path.chmod(0o500)
+    monkeypatch.setenv(profiles.CACHE_ENV, str(tmp_path))
+    with pytest.raises(TutorialError, match=r"cannot create the cache folder .* \(Read-only file system|Permission denied") as err:
+        bootstrap.start()
+    assert "\n" not in str(err.value) and "RLMH_CACHE_DIR" in str(err.value)

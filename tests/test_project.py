@@ -260,3 +260,14 @@ def test_readme_has_a_reliability_section_with_both_sides():
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Reliability", 1)[1].split("\n## ", 1)[0]
     assert "**Verified:**" in section and "**Not verified:**" in section and "full corpus" in section
+
+
+def test_the_notebook_runner_refuses_a_selection_that_names_no_notebook(tmp_path, capsys):
+    import pytest
+
+    from helpers.tools import run_notebooks
+
+    with pytest.raises(SystemExit) as exit_:
+        run_notebooks.main(["--out", str(tmp_path), "--only", "99"])
+    assert exit_.value.code == 2 and "no notebook" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -134,3 +134,57 @@ def test_a_parse_rate_measures_its_own_format_without_a_silent_json_retry(setup,
     assert rates.loc[name, "total parsed"] == 0.0
     assert len(short.history) == 2  # append_notes and generate_query, one LM call each
     assert not any("JSON" in m["content"] for call in short.history for m in call["messages"])
+
+
+@pytest.mark.parametrize("text", ["{", "[]", "null", '{"rates": {}}', '{"adapter": 5}', '{"adapter": ["x"]}', "\x00\xff",
+                                  '{"adapter": null}', '"GuidedChatAdapter"'])
+def test_a_damaged_adapter_choice_is_one_line(mini_profile, text):
+    path = adapter_choice._choice_path(mini_profile)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="latin-1")
+    try:
+        with pytest.raises(TutorialError, match="re-run 04_research_hop") as err:
+            adapter_choice.chosen_adapter(mini_profile)
+        assert "\n" not in str(err.value)
+    finally:
+        path.unlink()
+
+
+def _report(claims, score=50.0):
+    rows = [{"claim": c, "recall": score / 100, "found_hop0": 1, "found_later": 0, "hidden": None, "failed_module": None}
+            for c in claims]
+    return evaluation.EvalReport("saved", score, evaluation.pd.DataFrame(rows), 1.0)
+
+
+@pytest.mark.parametrize("text", ["{", "[]", "null", '{"system": "x"}', '{"per_claim": 3, "score": 1, "system": "x", "seconds": 1}'])
+def test_a_damaged_saved_report_is_scored_again_not_a_traceback(mini_profile, capsys, monkeypatch, text):
+    claims = [dspy.Example(claim=f"claim {i}", titles=["A"]).with_inputs("claim") for i in range(3)]
+    evaluation.results_path(mini_profile, "unit_damaged").parent.mkdir(parents=True, exist_ok=True)
+    evaluation.results_path(mini_profile, "unit_damaged").write_text(text)
+    ran = []
+    monkeypatch.setattr(evaluation, "run_eval", lambda program, examples, **kw: ran.append(1) or _report([e.claim for e in examples]))
+    report = evaluation.load_or_run(mini_profile, "unit_damaged", None, claims, 1, "x")
+    assert ran == [1] and list(report.per_claim["claim"]) == [e.claim for e in claims]
+    assert "is damaged" in capsys.readouterr().out
+    assert evaluation.load_report(mini_profile, "unit_damaged").score == 50.0  # written again, whole
+
+
+def test_a_saved_report_from_another_adapter_or_lm_is_not_reused(mini_profile, monkeypatch):
+    claims = [dspy.Example(claim=f"claim {i}", titles=["A"]).with_inputs("claim") for i in range(3)]
+    ran = []
+    monkeypatch.setattr(evaluation, "run_eval", lambda program, examples, **kw: ran.append(1) or _report([e.claim for e in examples]))
+    with dspy.context(adapter=dspy.ChatAdapter(), lm=dspy.LM("openai/one")):
+        evaluation.load_or_run(mini_profile, "unit_other", None, claims, 1, "x")
+        evaluation.load_or_run(mini_profile, "unit_other", None, claims, 1, "x")
+    assert ran == [1]  # the same settings: reused
+    with dspy.context(adapter=dspy.JSONAdapter(), lm=dspy.LM("openai/one")):
+        evaluation.load_or_run(mini_profile, "unit_other", None, claims, 1, "x")
+    with dspy.context(adapter=dspy.JSONAdapter(), lm=dspy.LM("openai/two")):
+        evaluation.load_or_run(mini_profile, "unit_other", None, claims, 1, "x")
+    assert ran == [1, 1, 1]
+
+
+def test_an_evaluation_with_no_threads_is_one_line():
+    with pytest.raises(TutorialError, match="threads") as err:
+        evaluation.run_eval(None, [], threads=-1)
+    assert "\n" not in str(err.value)

@@ -267,3 +267,29 @@ def test_a_killed_index_save_leaves_nothing_once_the_index_is_loaded(tmp_path):
     assert len(list(tmp_path.iterdir())) == 2  # the index and the killed save's temp folder
     assert len(retrieval.load_index(folder, "fp")) == len(DOCS)
     assert [p.name for p in tmp_path.iterdir()] == ["idx"]
+
+
+@pytest.mark.parametrize("damage", [
+    ("meta.json", "null"), ("meta.json", "[]"), ("vocab.index.json", "[1, 2]"), ("vocab.index.json", "null"),
+    ("data.csc.index.npy", lambda a: a.astype("float64")), ("indices.csc.index.npy", lambda a: a.astype("float32")),
+    ("indptr.csc.index.npy", lambda a: a.reshape(1, -1)), ("offsets.npy", lambda a: a.astype("float64")),
+], ids=["meta-null", "meta-list", "vocab-list", "vocab-null", "scores-f64", "ids-f32", "indptr-2d", "offsets-f64"])
+def test_damaged_files_of_every_kind_are_refused_at_load_and_rebuilt(small, damage):
+    """Valid JSON or arrays of the wrong kind used to pass the load checks and fail later (AttributeError, numba typing
+    errors at the first query); each is now 'damaged: rebuild', so load_search rebuilds the index."""
+    search, folder = small
+    name, change = damage
+    if callable(change):
+        import numpy as np
+
+        np.save(folder / name, change(np.load(folder / name)))
+    else:
+        (folder / name).write_text(change)
+    with pytest.raises(TutorialError, match="is damaged|built from another corpus") as err:
+        retrieval.load_index(folder, "fp")
+    assert "\n" not in str(err.value) and "02_corpus_indexing" in str(err.value)
+
+
+def test_a_huge_k_returns_every_document(small):
+    search, _ = small
+    assert len(search("river harbor", 2**64)) == len(search("river harbor", 99)) == 4

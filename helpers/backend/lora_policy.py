@@ -10,8 +10,10 @@ the engine's cached attention states. Also here: ``add_adapter`` (the warm start
 saved adapter into the engine) and ``remove_lora``.
 """
 
+import json
 import logging
 import math
+import re
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -329,6 +331,46 @@ def _adapter_folder(path, adapter_name=None):
     if len(nested) == 1:
         return nested[0]
     raise TutorialError(f"no single LoRA adapter in {folder}: expected one adapter_config.json")
+
+
+_LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
+
+
+def check_adapter(engine, path) -> Path:
+    """The saved LoRA adapter at ``path``, checked against the live model before any weight changes; its folder.
+
+    Refused in one line: a file that does not parse, weights named for modules this model does not have (peft would
+    load them with no effect), a rank other than the config's or shapes other than the model's, NaN or infinite values.
+    """
+    import torch
+    from safetensors import safe_open
+
+    folder = _adapter_folder(path)
+    try:
+        rank = int(json.loads((folder / "adapter_config.json").read_text())["r"])
+        with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged config or safetensors file raises
+        raise TutorialError(f"the LoRA adapter in {folder} is damaged ({type(exc).__name__}): save it again "
+                            "(06_grpo_training)") from None
+    modules = dict(engine.model.named_modules())
+    if not tensors:
+        raise TutorialError(f"the LoRA adapter in {folder} holds no weights: save it again (06_grpo_training)")
+    for key, tensor in tensors.items():
+        match = _LORA_KEY.fullmatch(key)
+        layer = modules.get(match.group(1)) if match else None
+        if layer is None:
+            raise TutorialError(f"the LoRA adapter in {folder} holds {key}, which {engine.name} does not have: it was "
+                                "saved for another model")
+        out_features, in_features = getattr(layer, "base_layer", layer).weight.shape
+        expected = (rank, in_features) if match.group(2) == "A" else (out_features, rank)
+        if tuple(tensor.shape) != expected:
+            raise TutorialError(f"the LoRA adapter in {folder}: {key} has shape {tuple(tensor.shape)}, not {expected} "
+                                f"(rank {rank}): it was saved for another model or setting")
+        if not torch.isfinite(tensor).all():
+            raise TutorialError(f"the LoRA adapter in {folder}: {key} holds NaN or infinite values: it cannot be used; "
+                                "train it again")
+    return folder
 
 
 def activate_adapter(engine, path: Path, adapter_name: str) -> None:

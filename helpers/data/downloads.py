@@ -8,14 +8,13 @@ no HTML page, the announced size, a gzip stream read to its end (CRC and length)
 its end-of-archive marker; the sha256 of the first good download is then recorded and checked later.
 """
 
-import contextlib
+import errno
 import gzip
 import hashlib
 import http.client
 import json
 import os
 import re
-import shutil
 import tarfile
 import urllib.error
 import urllib.parse
@@ -123,24 +122,11 @@ def _read_tar_to_end(tar: tarfile.TarFile, name: str, member_hook=None) -> None:
         pass
 
 
-@contextlib.contextmanager
-def _lock(path: Path):
-    """An exclusive lock on ``path`` (a lock file) held for the block; waits for another holder."""
-    try:
-        import fcntl
-    except ImportError:  # not on Linux/macOS: no locking
-        yield
-        return
-    with open(path, "a+b") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for another download of {path.name.removesuffix('.lock')} to finish…", flush=True)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def _size(header: str | None) -> int:
+    """A Content-Length as a byte count; 0 (unknown: the sha256 or the archive's own checks decide) when it is not
+    a whole number."""
+    text = (header or "").strip()
+    return int(text) if text.isdigit() else 0
 
 
 def _content_range(response) -> tuple[int | None, int | None]:
@@ -186,7 +172,7 @@ def _open(url: str, offset: int, timeout: float):
     if "html" in (response.headers.get("Content-Type") or "").lower():
         response.close()
         raise _html_error(url)
-    length = int(response.headers.get("Content-Length") or 0)
+    length = _size(response.headers.get("Content-Length"))
     if response.status == 206:
         first, total = _content_range(response)
         if first is None:
@@ -214,7 +200,7 @@ def fetch(url: str, dest_dir: Path, sha256: str | None = None, timeout: float = 
         dest_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise TutorialError(f"cannot create the downloads folder {dest_dir} ({exc.strerror}): set RLMH_CACHE_DIR to a writable folder") from None
-    with _lock(final.with_name(final.name + ".lock")):
+    with atomic.turn(final.with_name(final.name + ".lock"), "download of " + final.name):
         if final.exists():
             if _keep_existing(final, sha256):
                 return final
@@ -268,6 +254,9 @@ def _download(url: str, final: Path, sha256: str | None, timeout: float, progres
                 raise
             except (OSError, ValueError, http.client.HTTPException) as exc:
                 out.flush()
+                if getattr(exc, "errno", None) == errno.ENOSPC:
+                    raise TutorialError(f"no space left on the disk holding {part.parent}: free some space, then run "
+                                        f"again to resume from {part.stat().st_size:,} bytes") from None
                 raise TutorialError(f"download of {final.name} broke off ({type(exc).__name__}): run again to resume from {part.stat().st_size:,} bytes") from None
     got = part.stat().st_size
     if total and got < total:

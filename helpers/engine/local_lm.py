@@ -11,6 +11,7 @@ Intel CPUs), the engine's forward passes use oneDNN-packed copies of the weights
 its attention reads the shared key/value heads in place (``helpers.engine.grouped_attention``).
 """
 
+import atexit
 import contextlib
 import contextvars
 import importlib.util
@@ -73,10 +74,9 @@ def load_model(cache_dir: Path, dtype=None):
     dtype = dtype or torch.float32
     target = Path(cache_dir) / "models" / MODEL_NAME
     start = time.perf_counter()
-    marker = target / "converted.json"
-    if marker.exists() and json.loads(marker.read_text()).get("format") == CONVERTED_FORMAT:
-        tokenizer = AutoTokenizer.from_pretrained(target)
-        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
+    loaded = _load_converted(target, dtype)
+    if loaded is not None:
+        model, tokenizer = loaded
         source = "cache"
     else:
         folder = gguf_folder()
@@ -99,6 +99,25 @@ def load_model(cache_dir: Path, dtype=None):
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer, LoadInfo(source, time.perf_counter() - start, str(dtype).removeprefix("torch."))
+
+
+def _load_converted(target: Path, dtype):
+    """``(model, tokenizer)`` from the converted copy, or None when there is none or it is damaged (then it says so,
+    and the caller converts the GGUF again: the copy is only a cache)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    marker = target / "converted.json"
+    if not marker.exists():
+        return None
+    try:
+        if json.loads(marker.read_text()).get("format") != CONVERTED_FORMAT:
+            return None
+        tokenizer = AutoTokenizer.from_pretrained(target)
+        return AutoModelForCausalLM.from_pretrained(target, dtype=dtype), tokenizer
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged file raises (json, safetensors, tokenizers, OS)
+        print(f"the converted model at {target} is damaged ({type(exc).__name__}): converting it again from the GGUF",
+              flush=True)
+        return None
 
 
 @dataclass(frozen=True)
@@ -156,6 +175,9 @@ class _Job:
     future: Future = field(default_factory=Future)
 
 
+_STOP = object()  # put on an engine's queue: its worker ends once what it serves is done (``stop_worker``)
+
+
 class ContextWindowError(ContextWindowExceededError, TutorialError):
     """A prompt, or a max_tokens, past the model's context window, in one line. It is DSPy's own type, so DSPy passes
     it on as it is (and modules such as ReAct that catch it shorten their history), and a TutorialError."""
@@ -181,6 +203,7 @@ class BatchingEngine:
         self._blank = None
         self._queue = queue.Queue()
         self._worker = None
+        self._stopping = False
         self._start_lock = threading.Lock()
 
     # --- the DSPy engine protocol -------------------------------------------------------------
@@ -245,17 +268,30 @@ class BatchingEngine:
     def _ensure_worker(self):
         with self._start_lock:
             if self._worker is None or not self._worker.is_alive():
+                self._stopping = False
                 self._worker = threading.Thread(target=self._loop, name=f"{self.name}-batcher", daemon=True)
                 self._worker.start()
+                atexit.register(self.stop_worker)  # once per worker started; a stopped worker's call does nothing
+
+    def stop_worker(self, timeout: float = 60.0) -> None:
+        """End the worker once what it serves is done. Run at exit: the interpreter stops a daemon thread wherever
+        it is, and one stopped inside torch code aborts the process ('terminate called without an active exception')."""
+        worker = self._worker
+        if worker is not None and worker.is_alive():
+            self._queue.put(_STOP)
+            worker.join(timeout)
 
     def _loop(self):
         """Serve queued calls with continuous batching: a call joins the running batch at its next step."""
         import torch
 
         waiting = []  # jobs taken from the queue and not yet in a batch (other sampling settings wait their turn)
-        while True:
+        while not self._stopping or waiting:
             if not waiting:
-                waiting.append(self._queue.get())
+                job = self._queue.get()
+                if job is _STOP:
+                    return
+                waiting.append(job)
             with self.lock, torch.inference_mode():
                 self._serve(waiting)
 
@@ -296,9 +332,13 @@ class BatchingEngine:
             while True:
                 while True:
                     try:
-                        waiting.append(self._queue.get_nowait())
+                        job = self._queue.get_nowait()
                     except queue.Empty:
                         break
+                    if job is _STOP:  # serve what is here, then end
+                        self._stopping = True
+                    else:
+                        waiting.append(job)
                 room = self.max_batch - len(batch)
                 if admitted and any(_mode(job.sampling) != mode for job in waiting):
                     room = 0  # another setting waits: let this batch drain, so that call is not starved

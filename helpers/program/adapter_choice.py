@@ -77,8 +77,13 @@ def save_choice(profile: Profile, name: str, rates: pd.DataFrame) -> None:
 def chosen_adapter(profile: Profile) -> dspy.Adapter:
     """A fresh instance of the adapter 04 chose, else the profile's default (05, 06)."""
     path = _choice_path(profile)
-    name = json.loads(path.read_text())["adapter"] if path.exists() else profile.adapter
-    if name not in ADAPTERS:
+    name = profile.adapter
+    if path.exists():
+        try:
+            name = json.loads(path.read_text(encoding="utf-8"))["adapter"]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError):
+            raise TutorialError(f"{path} is damaged: delete the file and re-run 04_research_hop") from None
+    if not isinstance(name, str) or name not in ADAPTERS:
         raise TutorialError(f"unknown adapter {name!r} in {path}: delete the file and re-run 04_research_hop")
     return ADAPTERS[name]()
 

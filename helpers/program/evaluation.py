@@ -21,6 +21,7 @@ from helpers.profiles import Profile
 from helpers.program.metrics import hidden_recall, recall
 from helpers.util import atomic, stats
 from helpers.util.dspy_compat import loggers_quieted, stragglers_not_resubmitted
+from helpers.util.errors import TutorialError
 
 
 @dataclass
@@ -123,6 +124,9 @@ def report(evaluate: dspy.Evaluate, program, name: str = "ResearchHop", num_docs
     ``progress``: a label such as ``"dev claims scored"``; then a line counts the finished claims (``Progress``).
     """
     examples = evaluate.devset
+    if not isinstance(evaluate.num_threads, int) or evaluate.num_threads < 1:
+        raise TutorialError(f"threads={evaluate.num_threads!r}: give a whole number of threads, 1 or more "
+                            "(e.g. profile.eval_threads)")
     shown = Progress(f"{name} · {progress}", len(examples)) if progress else None
     wrapped = _RecordFailures(program, shown)
     start = time.perf_counter()
@@ -196,27 +200,48 @@ def results_path(profile: Profile, name: str):
     return profile.cache_dir / "results" / f"{name}.json"
 
 
+def evaluated_with() -> dict:
+    """What a saved report's scores depend on besides the claims: the configured adapter and LM."""
+    adapter, lm = dspy.settings.adapter, dspy.settings.lm
+    return {"adapter": type(adapter).__name__ if adapter is not None else None, "lm": getattr(lm, "model", None)}
+
+
 def save_report(profile: Profile, key: str, report: EvalReport, **extra) -> None:
-    """Write a report to ``<cache>/results/<key>.json`` atomically (05 writes the baseline for 06)."""
+    """Write a report to ``<cache>/results/<key>.json`` atomically (05 writes the baseline for 06), with the adapter
+    and LM it was evaluated with (``evaluated_with``)."""
     payload = {**report.summary(), "score": report.score, "seconds": report.seconds, **extra,
-               "per_claim": report.per_claim.to_dict(orient="records")}
+               "evaluated_with": evaluated_with(), "per_claim": report.per_claim.to_dict(orient="records")}
     atomic.write_text(results_path(profile, key), json.dumps(payload, indent=1))
 
 
 def load_report(profile: Profile, key: str) -> EvalReport | None:
-    """The saved report, or None if 05 has not written it yet."""
+    """The saved report, or None if 05 has not written it yet or the file is damaged (it says so: score again)."""
+    return _load_saved(profile, key)[0]
+
+
+def _load_saved(profile: Profile, key: str) -> tuple[EvalReport | None, dict]:
     path = results_path(profile, key)
     if not path.exists():
-        return None
-    payload = json.loads(path.read_text())
-    return EvalReport(payload["system"], payload["score"], pd.DataFrame(payload["per_claim"]), payload["seconds"])
+        return None, {}
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+        table = pd.DataFrame(payload["per_claim"])
+        report = EvalReport(str(payload["system"]), float(payload["score"]), table, float(payload["seconds"]))
+        if not {"claim", "recall"} <= set(table.columns):
+            raise KeyError("per_claim")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError) as exc:
+        print(f"{path} is damaged ({type(exc).__name__}): it will be scored again.")
+        return None, {}
+    return report, payload.get("evaluated_with") or {}
 
 
 def load_or_run(profile: Profile, key: str, program, examples, threads: int, name: str,
                 progress: str | None = None) -> EvalReport:
-    """The report saved under ``key`` if it covers the same claims, else run and save it (06 reuses 05's)."""
-    saved = load_report(profile, key)
-    if saved is not None and list(saved.per_claim["claim"]) == [ex.claim for ex in examples]:
+    """The report saved under ``key`` if it covers the same claims with the same adapter and LM, else run and save it
+    (06 reuses 05's)."""
+    saved, settings = _load_saved(profile, key)
+    if (saved is not None and list(saved.per_claim["claim"]) == [ex.claim for ex in examples]
+            and settings == evaluated_with()):
         return saved
     report = run_eval(program, examples, threads=threads, name=name, progress=progress)
     save_report(profile, key, report)

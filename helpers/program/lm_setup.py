@@ -11,6 +11,7 @@ Servers are probed before anything long starts, so a wrong URL fails in one line
 import http.client
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import dspy
@@ -37,6 +38,10 @@ def check_reachable(api_base: str, what: str, timeout: float = 3.0, setting: str
     ``setting``: the environment variable that sets ``api_base``, named in the message.
     """
     hint = f" (set {setting})" if setting else ""
+    parsed = urllib.parse.urlparse(api_base)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise TutorialError(f"{what} api_base {api_base!r} is not an http:// or https:// URL with a host, "
+                            f"e.g. http://localhost:7453/v1/{hint}")
     if not api_base.endswith("/v1/"):
         raise TutorialError(f"{what} api_base {api_base!r} must end in /v1/{hint}")
     try:

@@ -265,7 +265,7 @@ def save_trained(profile: Profile, program, job, name: str = "researchhop_grpo",
     best = job.best_checkpoint or job.last_checkpoint
     if best is None:
         raise TutorialError("the GRPO job saved no checkpoint: nothing to save")
-    with atomic.atomic_dir(target) as tmp:
+    with atomic.turn(_lock_file(target), f"save or load of {name}"), atomic.atomic_dir(target) as tmp:
         program.save(str(tmp / "program.json"))
         shutil.copytree(job.checkpoints[best]["path"], tmp / "adapter")
         if warm_start is not None:
@@ -312,10 +312,20 @@ def load_trained(profile: Profile, fresh_program, lm, name: str = "researchhop_g
     live engine. If the run started from a warm start, its adapter is merged into the engine's weights first (once:
     an engine that already carries it, as in the notebook that trained it, is left as it is).
     """
+    folder = profile.cache_dir / "trained" / name
+    with atomic.turn(_lock_file(folder), f"save or load of {name}"):  # no save swaps the folder while it is read
+        return _load_trained(folder, fresh_program, lm, adapter_name)
+
+
+def _lock_file(folder: Path) -> Path:
+    return folder.with_name(f".{folder.name}.lock")
+
+
+def _load_trained(folder: Path, fresh_program, lm, adapter_name: str):
     from helpers.backend import lora_policy
     from helpers.rl import warm_start
 
-    folder = profile.cache_dir / "trained" / name
+    atomic.recover(folder)  # a save killed between its two renames left the good copy aside
     if not (folder / "program.json").exists():
         raise TutorialError(f"no trained program in {folder}: run 06_grpo_training first")
     state = saved_program_state(folder / "program.json", fresh_program)
@@ -338,7 +348,10 @@ def load_trained(profile: Profile, fresh_program, lm, name: str = "researchhop_g
     if not warm and getattr(engine, "merged", None):
         raise TutorialError(f"this GRPO result was trained without a warm start, but the live model carries one "
                             f"({engine.merged}): restart the kernel, then load it")
+    lora_policy.check_adapter(engine, folder / "adapter")  # names, shapes, finite values: before any weight changes
     if warm:
+        warm_start.saved_label(folder / "warm_start")
+        lora_policy.check_adapter(engine, folder / "warm_start")
         warm_start.apply_saved(engine, folder / "warm_start")
     lora_policy.activate_adapter(engine, folder / "adapter", adapter_name)
     fresh_program.load_state(state)

@@ -34,6 +34,7 @@ import dspy
 from helpers.engine import local_lm
 from helpers.program import metrics
 from helpers.util import atomic
+from helpers.util.errors import TutorialError
 
 ADAPTER_NAME = "warm-start"
 STOP = "\n\n"  # GuidedChatAdapter's stop: a field value ends at a blank line
@@ -347,6 +348,19 @@ def merge_into_base(engine, label: str = ADAPTER_NAME) -> None:
         engine.weights_changed()  # in the same hold of the lock: no call may run on stale states or packed copies
 
 
+def saved_label(folder) -> str:
+    """The label ``save_adapter`` wrote for a saved warm start (what ``engine.merged`` records once it is merged)."""
+    path = Path(folder) / "warm_start.json"
+    try:
+        label = json.loads(path.read_text())["label"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise TutorialError(f"{path} is missing or damaged ({type(exc).__name__}): run 06_grpo_training again to save "
+                            "the warm start") from None
+    if not isinstance(label, str):
+        raise TutorialError(f"{path} names no warm start: run 06_grpo_training again to save it")
+    return label
+
+
 def apply_saved(engine, folder) -> None:
     """Merge a warm start saved by ``save_adapter`` into the engine's weights, once (``grpo_training.load_trained``).
 
@@ -354,9 +368,8 @@ def apply_saved(engine, folder) -> None:
     warm start cannot take this one (merged weights cannot be unmerged) and says so.
     """
     from helpers.backend.lora_policy import activate_adapter, remove_lora
-    from helpers.util.errors import TutorialError
 
-    label = json.loads((Path(folder) / "warm_start.json").read_text())["label"]
+    label = saved_label(folder)
     merged = getattr(engine, "merged", None)
     if merged == label:
         return

@@ -39,7 +39,7 @@ class DocStore:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.offsets = np.load(self.folder / "offsets.npy", mmap_mode="r")
-        if self.offsets.ndim != 1 or len(self.offsets) == 0 or self.offsets[0] != 0 or np.any(np.diff(self.offsets) < 0):
+        if self.offsets.dtype != np.int64 or self.offsets.ndim != 1 or len(self.offsets) == 0 or self.offsets[0] != 0 or np.any(np.diff(self.offsets) < 0):
             raise ValueError("offsets.npy is not an increasing list of document offsets")
         size = (self.folder / "docs.bin").stat().st_size
         if size != self.offsets[-1]:
@@ -93,7 +93,7 @@ class BM25Index:
         if not isinstance(query, str):
             raise TutorialError(f"the query must be a string, not {type(query).__name__}: e.g. search(\"a claim\", k=4)")
         ids = fast_index.query_ids(query, self.stemmer, self.retriever.vocab_dict)
-        return fast_index.top_k(self.retriever.scores, ids, int(k))
+        return fast_index.top_k(self.retriever.scores, ids, min(int(k), len(self.docs)))  # k past the corpus: all
 
     def __len__(self):
         return len(self.docs)
@@ -156,15 +156,19 @@ def load_index(folder: Path, fingerprint: str) -> BM25Index:
         raise TutorialError(f"no index at {folder}: run 02_corpus_indexing to build it") from None
     except ValueError:
         raise TutorialError(f"index at {folder} is damaged (meta.json unreadable): run 02_corpus_indexing to rebuild it") from None
+    if not isinstance(meta, dict):
+        raise TutorialError(f"index at {folder} is damaged (meta.json holds no settings): run 02_corpus_indexing to rebuild it")
     if meta.get("format") != INDEX_FORMAT or meta.get("fingerprint") != fingerprint:
         raise TutorialError(f"index at {folder} was built from another corpus or version: run 02_corpus_indexing to rebuild it")
     try:
         retriever = bm25s.BM25.load(folder, mmap=True, show_progress=False)
+        if not isinstance(retriever.vocab_dict, dict):
+            raise ValueError("vocab.index.json holds no vocabulary")
         docs = DocStore(folder)
         if len(docs) != meta["num_docs"] or retriever.scores["num_docs"] != meta["num_docs"]:
             raise ValueError("document count does not match meta.json")
         _check_postings(retriever.scores, len(retriever.vocab_dict))
-    except (OSError, ValueError, KeyError, TypeError, IndexError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, json.JSONDecodeError) as exc:
         raise TutorialError(f"index at {folder} is damaged ({exc}): run 02_corpus_indexing to rebuild it") from None
     return BM25Index(retriever, docs)
 
@@ -172,6 +176,11 @@ def load_index(folder: Path, fingerprint: str) -> BM25Index:
 def _check_postings(scores: dict, vocab_size: int) -> None:
     """The posting lists fit together and name only existing documents (else a query reads outside memory)."""
     data, indices, indptr, num_docs = scores["data"], scores["indices"], scores["indptr"], scores["num_docs"]
+    kinds = {"scores": (data, np.float32), "posting ids": (indices, np.int32), "posting-list pointers": (indptr, np.int64)}
+    for what, (array, dtype) in kinds.items():  # what fast_index writes; anything else fails inside compiled code
+        if not isinstance(array, np.ndarray) or array.dtype != dtype or array.ndim != 1:
+            raise ValueError(f"the {what} are {getattr(array, 'dtype', type(array).__name__)} "
+                             f"{getattr(array, 'shape', '')}, not a list of {np.dtype(dtype).name}")
     if indptr.ndim != 1 or len(indptr) != vocab_size or indptr[0] != 0 or np.any(np.diff(indptr) < 0):
         raise ValueError("the posting-list pointers do not match the vocabulary")
     if not len(data) == len(indices) == indptr[-1]:

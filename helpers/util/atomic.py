@@ -1,11 +1,14 @@
 """Atomic file and folder writes, so an interrupted step never leaves a half-written cache.
 
 Introduced in 02_corpus_indexing; reused for indexes, scores and checkpoints. Results get the
-permissions an ordinary write would (the umask decides), and a temporary file or folder left by a
-writer that was killed is removed by the next write of the same target.
+permissions an ordinary write would (the umask decides); the data and the folder entry are fsynced before a rename
+is trusted, so a power cut leaves the old or the new version, never an empty one. A temporary file or folder left
+by a writer that was killed is removed by the next write of the same target, except a previous version that the
+writer had moved aside: that is put back (``recover``).
 """
 
 import contextlib
+import glob
 import os
 import re
 import shutil
@@ -41,9 +44,28 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_stale(target: Path) -> None:
-    """Remove temporaries of ``target`` left by writers that no longer run (``.name.<pid>.*.tmp``, ``.name.old-<pid>``)."""
+def recover(target: Path) -> None:
+    """Put back the previous version of ``target`` that a killed ``atomic_dir`` had moved aside (``.name.old-<pid>``)
+    before the new one was in place: with no ``target``, it is the only good copy."""
     target = Path(target)
+    if target.exists():
+        return
+    try:
+        aside = [p for p in target.parent.glob(f".{glob.escape(target.name)}.old-*")
+                 if p.name.rsplit("-", 1)[-1].isdigit() and not _pid_alive(int(p.name.rsplit("-", 1)[-1]))]
+    except OSError:
+        return
+    if aside:
+        newest = max(aside, key=lambda p: p.lstat().st_mtime)
+        os.replace(newest, target)
+        _fsync_folder(target.parent)
+
+
+def clean_stale(target: Path) -> None:
+    """Remove temporaries of ``target`` left by writers that no longer run (``.name.<pid>.*.tmp``, ``.name.old-<pid>``),
+    after putting back a previous version that had been moved aside and not replaced (``recover``)."""
+    target = Path(target)
+    recover(target)
     pattern = re.compile(r"\." + re.escape(target.name) + r"\.(?:(\d+)\..+\.tmp|old-(\d+)|([^.]+)(?:\..+)?\.tmp)")
     try:
         siblings = list(target.parent.iterdir())
@@ -92,6 +114,57 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename or a new entry in ``folder`` durable (where the platform can open a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            _fsync_file(Path(root) / name)
+        _fsync_folder(Path(root))
+
+
+@contextlib.contextmanager
+def turn(lock_file: Path, what: str):
+    """Take turns with other processes on ``lock_file`` (an exclusive lock held for the block; waits, saying so, while
+    another holds it). Downloads and trained-program saves and loads use it; without fcntl (Windows): no locking."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    Path(lock_file).parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a+b") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another {what} to finish…", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _prefix(target: Path) -> str:
     return f".{target.name}.{os.getpid()}."
 
@@ -108,7 +181,9 @@ def atomic_path(target: Path, suffix: str = ""):
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600
         yield tmp
+        _fsync_file(tmp)
         os.replace(tmp, target)
+        _fsync_folder(target.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -135,6 +210,7 @@ def atomic_dir(target: Path):
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700
         yield tmp
+        _fsync_tree(tmp)
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -142,6 +218,7 @@ def atomic_dir(target: Path):
                 shutil.rmtree(old, ignore_errors=True)
             os.replace(target, old)
         os.replace(tmp, target)
+        _fsync_folder(target.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
