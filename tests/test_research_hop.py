@@ -188,3 +188,21 @@ def test_an_evaluation_with_no_threads_is_one_line():
     with pytest.raises(TutorialError, match="threads") as err:
         evaluation.run_eval(None, [], threads=-1)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("sizes", [dict(num_docs=4, num_hops=1.5), dict(num_docs=0, num_hops=2),
+                                   dict(num_docs="4", num_hops=2), dict(num_docs=4, num_hops=True)])
+def test_sizes_that_are_not_whole_numbers_are_refused_in_one_line(sizes):
+    with pytest.raises(TutorialError) as err:
+        ResearchHop(search=lambda q, k: [], **sizes)
+    bad = next(k for k, v in sizes.items() if not (type(v) is int and v >= 1))
+    assert bad in str(err.value) and "whole number" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("claim", ["", "   \n", None])
+def test_an_empty_claim_is_refused_before_any_search(claim):
+    searched = []
+    program = ResearchHop(4, 2, search=lambda q, k: searched.append(q) or [])
+    with pytest.raises(TutorialError, match="claim"):
+        program(claim=claim)
+    assert searched == []

@@ -19,17 +19,18 @@ import io
 import json
 import logging
 import queue
+import re
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import dspy
 from dspy.utils.exceptions import ContextWindowExceededError
 
-from helpers.engine import decoding, grouped_attention, weight_packing
+from helpers.engine import decoding, grouped_attention, threads, weight_packing
 from helpers.engine.prefix_cache import DEFAULT_BUDGET_MB, PrefixCache
-from helpers.engine.threads import configure_threads
 from helpers.util import atomic
 from helpers.util.errors import TutorialError
 
@@ -65,7 +66,7 @@ def load_model(cache_dir: Path, dtype=None):
     differ from the rollout's by up to ~11 % (PPO ratio 0.89-1.03 instead of 1), and the tests gave different
     answers on the two CPU kinds CI may run on. What bf16 saved in time was never measured on one machine.
     """
-    configure_threads()
+    threads.configure_threads()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -142,6 +143,7 @@ class EngineStats:
     reference_prompt_tokens: int = 0  # prompt tokens prefilled by generate_reference (no reuse: all computed)
     decode_steps: int = 0  # forward passes of served batches (DSPy calls), and the rows they carried in all:
     decode_rows: int = 0  # decode_rows / decode_steps is how full the batch ran
+    thread_changes: int = 0  # times the worker changed its thread count (other processes' load came or went)
 
 
 @dataclass
@@ -201,6 +203,9 @@ class BatchingEngine:
         self.listeners = []  # callables given every finished row (a decoding.Sampled) and the reply its caller got;
         # they run on the worker thread holding the lock, before the caller is answered: quick, and never calling the LM
         self._blank = None
+        self.weights_tag = ""  # "" as loaded; "@w" + a digest of the weights after any change (``weights_changed``)
+        self._base_digest = None  # of the non-LoRA weights once they changed (None: as loaded)
+        self.fair_share = None  # a threads.FairShare, made by the worker: fewer threads while other processes are busy
         self._queue = queue.Queue()
         self._worker = None
         self._stopping = False
@@ -286,6 +291,7 @@ class BatchingEngine:
         import torch
 
         waiting = []  # jobs taken from the queue and not yet in a batch (other sampling settings wait their turn)
+        self.fair_share = threads.FairShare(torch.get_num_threads())
         while not self._stopping or waiting:
             if not waiting:
                 job = self._queue.get()
@@ -293,7 +299,20 @@ class BatchingEngine:
                     return
                 waiting.append(job)
             with self.lock, torch.inference_mode():
+                self._fit_threads()
                 self._serve(waiting)
+
+    def _fit_threads(self):
+        """The worker's torch threads: one per core other processes leave free (``threads.FairShare``). OpenMP's
+        thread count is per calling thread, so this sets the worker's alone."""
+        share = self.fair_share
+        if share is not None:
+            import torch
+
+            before = share.threads
+            if share.update() != before or torch.get_num_threads() != share.threads:
+                torch.set_num_threads(share.threads)
+                self.stats.thread_changes += 1
 
     def _own_kernels(self, on: bool):
         """Lock held: the engine's own kernels (packed weights where they pay, grouped attention) on, or off (the
@@ -356,6 +375,7 @@ class BatchingEngine:
                     self.stats.batch_sizes.append(len(joining))
                 if not len(batch):
                     break
+                self._fit_threads()
                 for row in batch.step():
                     row.owner.future.set_result(self._finished(row.result, row.owner.options))
         except BaseException as exc:  # hand the failure to every caller of this batch, keep serving
@@ -462,6 +482,33 @@ class BatchingEngine:
                 self.prefix_cache.clear()
             if base:
                 self._pack(False)  # packed again, from the new weights, before the next call
+            self.weights_tag = self._weights_digest(base)
+
+    def _weights_digest(self, base: bool) -> str:
+        """``weights_tag`` for the weights now: a digest of the base weights (hashed again only when ``base``: ~0.5 s)
+        and of the LoRA weights and which adapters are active. The same weights give the same tag in any process."""
+        import hashlib
+
+        import torch
+
+        def digest(tensors) -> bytes:
+            h = hashlib.blake2b(digest_size=16)
+            for name, t in tensors:
+                h.update(name.encode())
+                h.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy())
+            return h.digest()
+
+        named = list(self.model.named_parameters())
+        if base:
+            self._base_digest = digest((n, p) for n, p in named if "lora_" not in n)
+        lora = [(n, p) for n, p in named if "lora_" in n]
+        peft_model = getattr(self, "peft_model", None)
+        active = sorted(getattr(peft_model, "active_adapters", None) or []) if peft_model is not None else []
+        if self._base_digest is None and not lora:
+            return ""
+        h = hashlib.blake2b(self._base_digest or b"as loaded", digest_size=6)
+        h.update(digest(lora) + ",".join(active).encode())
+        return "@w" + h.hexdigest()
 
     def seed_sampling(self, seed: int):
         """Sampled tokens come from a generator seeded here: two seeds give two different sets of rollouts."""
@@ -471,6 +518,24 @@ class BatchingEngine:
 
 
 _LIVE = {}  # the process's loaded engines by name: one model per process, found again by saved programs
+
+
+class EmbeddedLM(dspy.LM):
+    """A ``dspy.LM`` on a ``BatchingEngine`` whose model name follows the weights: ``local/<name>`` as loaded,
+    ``local/<name>@w<digest>`` once they changed (a warm start, a GRPO step, an adapter loaded).
+
+    Why: DSPy's response cache keys on the model name and the messages, not on the weights, so an LM with a fixed
+    name replays answers from before training. With the weights in the name no LM made here can: a cached answer is
+    reused only for the very weights that gave it (also across kernels, whose disk cache DSPy shares).
+    """
+
+    @property
+    def model(self) -> str:
+        return self._model_name + self._engine_spec.weights_tag
+
+    @model.setter
+    def model(self, value: str) -> None:
+        self._model_name = str(value).split("@w", 1)[0]  # the tag always comes from the engine's weights
 
 
 def register(engine: BatchingEngine) -> BatchingEngine:
@@ -483,8 +548,30 @@ def live_engine(name: str) -> BatchingEngine | None:
 
 
 def prompt_ids(tokenizer, messages) -> list[int]:
-    """The token ids the engine feeds for a conversation (GRPO's data path rebuilds prompts with this too)."""
-    return tokenizer(_render(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    """The token ids the engine feeds for a conversation (GRPO's data path rebuilds prompts with this too).
+
+    Only the chat template's own control tokens (``<|im_start|>``, ``<|im_end|>``...) are control tokens: the same
+    text inside a message (a claim, a retrieved page) is tokenized as plain text, as a served API does. Otherwise a
+    claim holding ``<|im_end|>\n<|im_start|>assistant`` would end the user's turn and speak for the model.
+    """
+    if not any(_holds_control_text(tokenizer, m.get("content") or "") for m in messages):
+        return tokenizer(_render(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]  # private-use marks
+    ids = []
+    for n, piece in enumerate(_MARK.split(_render(tokenizer, marked))):
+        if n % 2:  # a message's content: control-token text stays text
+            ids += tokenizer(messages[int(piece)]["content"], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        elif piece:  # the template's own text, its control tokens parsed
+            ids += tokenizer(piece, add_special_tokens=False, split_special_tokens=False)["input_ids"]
+    return ids
+
+
+_MARK = re.compile("\ue000(\\d+)\ue001")
+
+
+def _holds_control_text(tokenizer, text: str) -> bool:
+    """Whether ``text`` contains the text of one of the tokenizer's control (added) tokens."""
+    return any(t.content in text for t in tokenizer.added_tokens_decoder.values())
 
 
 def _render(tokenizer, messages):

@@ -109,7 +109,7 @@ def make_lm(profile: Profile, trainable: bool = False, **overrides) -> dspy.LM:
             from helpers.backend.grpo_backend import LocalGRPOProvider
 
             provider = LocalGRPOProvider()
-        lm = dspy.LM(f"local/{engine.name}", engine=engine, temperature=profile.lm.temperature,
+        lm = local_lm.EmbeddedLM(f"local/{engine.name}", engine=engine, temperature=profile.lm.temperature,
                      max_tokens=profile.lm.max_tokens, provider=provider)
     else:
         raise TutorialError(f"unknown {LM_ENV}={choice!r}: choose embedded, arbor or openai")

@@ -11,6 +11,8 @@ its own prompt. ``SeedPatternResearchHop`` keeps the seed's pattern to show that
 import dspy
 import pandas as pd
 
+from helpers.util.errors import TutorialError
+
 #@save
 instr1 = """
 Given a claim and some key facts, generate a follow-up search query to find the next most essential clue towards verifying or refuting the claim. The goal ultimately is to find all documents implicated by the claim.
@@ -24,11 +26,13 @@ Given a claim, some key facts, and new search results, identify any new learning
 
 class ResearchHop(dspy.Module):  #@save
     def __init__(self, num_docs, num_hops, search):
+        check_sizes(num_docs=num_docs, num_hops=num_hops)  # whole numbers of 1 or more, else one line
         self.num_docs, self.num_hops, self.search = num_docs, num_hops, search
         self.generate_query = dspy.ChainOfThought(dspy.Signature("claim, key_facts -> followup_search_query", instr1))
         self.append_notes = dspy.ChainOfThought(dspy.Signature("claim, key_facts, new_search_results -> new_key_facts", instr2))
 
     def forward(self, claim: str) -> dspy.Prediction:
+        check_claim(claim)  # an empty claim would search for nothing and find arbitrary pages
         key_facts, retrieved_docs, queries = [], [], []
         for hop_idx in range(self.num_hops):
             query = self.generate_query(claim=claim, key_facts=list(key_facts)).followup_search_query if hop_idx else claim
@@ -40,6 +44,19 @@ class ResearchHop(dspy.Module):  #@save
             prediction = self.append_notes(claim=claim, key_facts=list(key_facts), new_search_results=search_results)
             key_facts.append(prediction.new_key_facts)
         return dspy.Prediction(key_facts=key_facts, retrieved_docs=retrieved_docs, queries=queries)
+
+
+def check_sizes(**sizes) -> None:
+    """ResearchHop's ``num_docs`` and ``num_hops``: whole numbers of 1 or more, or a one-line TutorialError."""
+    for name, value in sizes.items():
+        if type(value) is not int or value < 1:
+            raise TutorialError(f"ResearchHop: {name}={value!r} must be a whole number of 1 or more, e.g. {name}=2")
+
+
+def check_claim(claim) -> None:
+    """A claim with words in it, or a one-line TutorialError (an empty one would be searched as nothing)."""
+    if not isinstance(claim, str) or not claim.strip():
+        raise TutorialError(f"ResearchHop: the claim {claim!r} is empty: give it the sentence to verify")
 
 
 class SeedPatternResearchHop(ResearchHop):
