@@ -5,8 +5,10 @@ For each seed: a fresh LoRA adapter, rollouts sampled from that seed, the mini p
 steps on the train split minus ``--select`` claims; those held-back train claims choose the checkpoint
 (never dev or test). Then greedy recall on ``--dev`` dev claims. Prints per step: rollout and training
 seconds, fresh groups, groups whose rewards differ, the data-path check (trained tokens that were sampled),
-the share of claims where a rollout found a gold page the claim does not name; per seed: the gain with
-its paired bootstrap 95 % CI, hidden-page recall before/after, GRPO minutes; the verdict last.
+the share of claims where a rollout found a gold page the claim does not name; per seed: the gain at the fixed
+final step and at the chosen checkpoint, hidden-page recall before/after, GRPO minutes; then the pooled table:
+the mean gain over seeds with a 95 % CI that resamples seeds and claims together (``stats.seeds_and_claims_ci``),
+the share of seeds with a gain above 0, and the verdict against the goal.
 ``--long``: 16 steps, the selection score after every 2nd step (the curve). ``--quick`` (make bench
 QUICK=1): one seed, one step, no evaluation: only the step's cost.
 ``--warm-start``: before GRPO, behaviour cloning (LoRA SFT, not RL) of the scripted teacher on ``--warm-train``
@@ -38,9 +40,14 @@ def main():
     parser.add_argument("--temperature", type=positive, default=None, help="rollout temperature (default: the preset's)")
     parser.add_argument("--claims-per-step", type=whole(1), default=None, help="claims per GRPO step (default: the preset's)")
     parser.add_argument("--lr", type=positive, default=None, help="GRPO learning rate (default: the preset's)")
+    parser.add_argument("--record", action="store_true",
+                        help="write the pooled result to helpers/rl/grpo_distribution.json (06's verdict reads it); "
+                             "needs --warm-start, >= 4 seeds and >= 100 dev claims")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.steps = args.seeds[:1], 1
+    if args.record and (args.quick or not args.warm_start or len(set(args.seeds)) < 4 or args.dev < 100):
+        parser.error("--record needs --warm-start, 4 or more different --seeds and --dev 100 or more (06's set-up)")
     profile = bootstrap.start("mini")
 
     import dspy
@@ -109,20 +116,89 @@ def main():
                   f"training share {s.seconds / (s.rollout_seconds + s.seconds):.2f}")
             return
         trained.set_lm(eval_lm)
-        after = evaluation.run_eval(trained, evalset, profile.eval_threads)
-        change, low, high = evaluation.gain(before, after, seed=seed)
-        results.append((seed, change, low, high, minutes, job.best_checkpoint))
+        chosen = evaluation.run_eval(trained, evalset, profile.eval_threads)  # terminate() loaded the chosen checkpoint
+        final = chosen
+        if job.best_checkpoint not in (None, job.last_checkpoint):  # the fixed final step: its own weights
+            job.policy.load(job.checkpoints[job.last_checkpoint]["path"])
+            final = evaluation.run_eval(trained, evalset, profile.eval_threads)
+        run = {"seed": seed, "minutes": minutes, "checkpoint": job.best_checkpoint or job.last_checkpoint}
         start_from = "the warm start" if args.warm_start else "untrained"
-        print(f"seed {seed}: dev recall {before.score:.1f}% ({start_from}) -> {after.score:.1f}% after GRPO ({change:+.1f} points, 95% CI "
-              f"{low:+.1f} to {high:+.1f}), hidden-page recall {before.hidden_score:.1f}% -> {after.hidden_score:.1f}%, "
-              f"GRPO {minutes:.1f} min ({minutes / steps:.2f} min/step), checkpoint {job.best_checkpoint}")
+        for label, after in (("final step", final), ("chosen checkpoint", chosen)):
+            change, low, high = evaluation.gain(before, after, seed=seed)
+            run[label] = {"gain": change, "diffs": _diffs(before, after), "hidden": after.hidden_score}
+            print(f"seed {seed}, {label}: dev recall {before.score:.1f}% ({start_from}) -> {after.score:.1f}% "
+                  f"({change:+.1f} points, claims-only 95% CI {low:+.1f} to {high:+.1f}), hidden-page recall "
+                  f"{before.hidden_score:.1f}% -> {after.hidden_score:.1f}%")
+        print(f"seed {seed}: GRPO {minutes:.1f} min ({minutes / steps:.2f} min/step), checkpoint chosen "
+              f"{run['checkpoint']}", flush=True)
+        results.append(run)
         lora_policy.remove_lora(engine)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {peak:.0f} MB")
-    for seed, change, low, high, minutes, best in results:
-        verdict = "meets" if change >= 5 and low > 0 and minutes <= 20 else "misses"
-        print(f"seed {seed}: {change:+.1f} points (CI {low:+.1f} to {high:+.1f}) in {minutes:.1f} min, checkpoint {best} "
-              f"-> {verdict} the goal (>= +5 points, CI above 0, <= 20 min)")
+    pooled = pooled_table(results, before, len(evalset))
+    if args.record:
+        record_distribution(results, pooled, before, len(evalset), steps, preset)
+
+
+def _diffs(before, after) -> list[float]:
+    """Per-claim recall change in points, in before's claim order (``evaluation.gain`` pairs the same way)."""
+    b = before.per_claim.set_index("claim")["recall"]
+    return list(100 * (after.per_claim.set_index("claim")["recall"].reindex(b.index) - b))
+
+
+def pooled_table(results, before, claims):
+    """Per seed and pooled over seeds and claims (``stats.seeds_and_claims_ci``), at the final step and at the
+    chosen checkpoint; the goal: pooled mean >= +5 points with the interval above 0, every seed > 0, hidden-page
+    recall up on average, <= 20 min of GRPO per seed."""
+    import numpy as np
+
+    from helpers.util import stats
+
+    print(f"\nGRPO over {len(results)} sampling seeds, {claims} dev claims, gain in dev recall points vs the start "
+          f"(hidden-page recall {before.hidden_score:.1f}% at the start):")
+    print("| | " + " | ".join(f"seed {r['seed']}" for r in results) + " | pooled (95% CI over seeds and claims) | seeds > 0 |")
+    print("|---|" + "---:|" * len(results) + "---|---:|")
+    verdicts, pooled = [], {}
+    for label in ("final step", "chosen checkpoint"):
+        gains = [r[label]["gain"] for r in results]
+        mean, low, high = stats.seeds_and_claims_ci([r[label]["diffs"] for r in results])
+        positive = sum(g > 0 for g in gains)
+        hidden = float(np.mean([r[label]["hidden"] for r in results]))
+        print(f"| {label} | " + " | ".join(f"{g:+.1f}" for g in gains) +
+              f" | **{mean:+.1f}** ({low:+.1f} to {high:+.1f}) | {positive} of {len(results)} |")
+        print(f"| {label}: hidden-page recall | " + " | ".join(f"{r[label]['hidden']:.1f}%" for r in results) +
+              f" | {hidden:.1f}% ({hidden - before.hidden_score:+.1f}) | |")
+        met = mean >= 5 and low > 0 and positive == len(results) and hidden > before.hidden_score
+        pooled[label] = {"mean": mean, "low": low, "high": high, "hidden": hidden}
+        verdicts.append(f"{label}: {'meets' if met else 'misses'}")
+    minutes = max(r["minutes"] for r in results)
+    print(f"| GRPO minutes | " + " | ".join(f"{r['minutes']:.1f}" for r in results) + " | | |")
+    print(f"goal (pooled >= +5 with the CI above 0, every seed > 0, hidden-page recall up, <= 20 min a seed; "
+          f"longest {minutes:.1f} min): " + "; ".join(verdicts))
+    return pooled
+
+
+def record_distribution(results, pooled, before, claims, steps, preset):
+    """Write the pooled run to ``helpers/rl/grpo_distribution.json``: 06's verdict reads it beside its own run."""
+    import datetime
+    import json
+    import subprocess
+
+    from helpers.rl import grpo_training
+    from helpers.util import atomic
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    record = {"date": datetime.date.today().isoformat(), "commit": commit or "?", "claims": claims,
+              "settings": {"steps": steps, **{k: preset.compile_kwargs[k] for k in
+                                              ("num_dspy_examples_per_grpo_step", "num_rollouts_per_grpo_step")},
+                           "learning_rate": preset.train_kwargs["learning_rate"], "warm_start": True},
+              "start_hidden": before.hidden_score,
+              "seeds": [{"seed": r["seed"], "minutes": round(r["minutes"], 1), "checkpoint": r["checkpoint"],
+                         **{label: round(r[label]["gain"], 2) for label in ("final step", "chosen checkpoint")}}
+                        for r in results],
+              "pooled": {label: {k: round(v, 2) for k, v in p.items()} for label, p in pooled.items()}}
+    atomic.write_text(grpo_training.DISTRIBUTION_FILE, json.dumps(record, indent=1) + "\n")
+    print(f"recorded in {grpo_training.DISTRIBUTION_FILE.name}")
 
 
 def _warm_start(args, profile, search, trainset, selection, evalset, adapter, engine, baseline):

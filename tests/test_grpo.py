@@ -129,7 +129,8 @@ def test_rows_are_the_sampled_tokens_and_a_group_trains_once(trainable):
     record = job.step([{"batch_id": 0, "group": group}], "grpo_chat")
     check = job.checks[-1]
     assert (check.fresh_groups, check.stale_groups, check.matched_items, check.items) == (1, 0, 3, 3)
-    assert check.trained_tokens == sum(len(r.ids) for r in records) and record.sampled_share == 1.0
+    trained = [r for r, reward in zip(records, [1.0, 0.0, 0.5]) if reward != 0.5]  # the mean reward's row: no gradient
+    assert check.trained_tokens == sum(len(r.ids) for r in trained) and record.sampled_share == 1.0
     prompt = local_lm.prompt_ids(engine.tokenizer, [*MESSAGES, {"role": "assistant", "content": "[[ ## answer ## ]]\n"}])
     assert all(r.prompt_ids == prompt for r in records)  # the generation-time prompt, prefilled marker included
     assert not torch.equal(start, _lora_b(job))
@@ -137,6 +138,90 @@ def test_rows_are_the_sampled_tokens_and_a_group_trains_once(trainable):
     again = job.step([{"batch_id": 1, "group": group}], "grpo_chat")  # dspy's queue refilling with an old group
     assert (job.checks[-1].stale_groups, job.checks[-1].fresh_groups, again.trained_groups) == (1, 0, 0)
     assert torch.equal(trained, _lora_b(job))
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("tamper", ["ids", "logprobs", "prompt"])
+def test_the_sampled_share_falls_when_the_loss_gets_what_was_not_sampled(trainable, tamper):
+    """The data check compares what the loss consumed with the engine's records: a row whose ids, log-probs or prompt
+    are not the sampled ones counts against it (06 shows this share; it must be able to read less than 100 %)."""
+    import dataclasses
+
+    lm, engine, tmp_path = trainable
+    job = _job(lm, tmp_path)
+    group = _distinct_group(engine, [1.0, 0.0])
+    make_rows = job.data.rows
+
+    tampered = []
+
+    def tampered_rows(groups):
+        rows, check = make_rows(groups)
+        first = rows[0]
+        change = {"ids": dict(completion_ids=[*first.completion_ids[:-1], (first.completion_ids[-1] + 1) % 1000]),
+                  "logprobs": dict(old_logprobs=[x * 0.5 for x in first.old_logprobs]),
+                  "prompt": dict(prompt_ids=[*first.prompt_ids[:-1], (first.prompt_ids[-1] + 1) % 1000])}[tamper]
+        tampered.append(len(first.completion_ids))
+        return [dataclasses.replace(first, **change), *rows[1:]], check
+
+    job.data.rows = tampered_rows
+    record = job.step([{"batch_id": 0, "group": group}], "grpo_chat")
+    check = job.checks[-1]
+    assert check.trained_tokens == sum(len(ids) for _, ids, _ in job.policy.consumed) > tampered[0]
+    assert check.sampled_tokens == check.trained_tokens - tampered[0] and record.sampled_share < 1.0
+
+
+@pytest.mark.model
+def test_update_starts_at_ratio_one_through_its_own_call_path(trainable):
+    """``update()`` itself computes the new log-probs at the rows' sampling temperature: its first pass, at the
+    rollout weights, finds the rollout's own log-probs (at T=1 they would differ by far more)."""
+    lm, engine, tmp_path = trainable
+    job = _job(lm, tmp_path, lora_config=grpo_presets.MINI_LORA)
+    group = _distinct_group(engine, [1.0, 0.0], temperature=0.7)
+    job.step([{"batch_id": 0, "group": group}], "grpo_chat")
+    assert job.policy.first_max_logratio < 2e-3, job.policy.first_max_logratio
+
+
+@pytest.mark.model
+def test_gradient_clipping_bounds_the_update(trainable):
+    """``max_grad_norm`` reaches the optimizer step: clipped to almost nothing, the same rows barely move the weights."""
+    lm, engine, tmp_path = trainable
+    moved, rows = [], None
+    for clip in (1e-12, 1.0):
+        job = _job(lm, tmp_path, max_grad_norm=clip, job_id=f"clip-{len(moved)}")
+        if rows is None:
+            rows, _ = job.data.rows([_distinct_group(engine, [1.0, 0.0])])
+        start = _lora_b(job)
+        job.policy.update(rows, job.train_kwargs, 1)
+        moved.append(float((_lora_b(job) - start).abs().max()))
+    assert moved[0] < 1e-3 * moved[1], moved
+
+
+@pytest.mark.model
+def test_an_item_with_only_some_fields_sampled_is_not_trained(trainable):
+    """Two fields, the first sampled, the second never: the item is not trained at all (not with its whole
+    advantage on the one field found)."""
+    lm, engine, tmp_path = trainable
+    job = _job(lm, tmp_path)
+    group = _distinct_group(engine, [1.0, 0.0])
+    partial = [{**item, "completion": {"role": "assistant", "content": item["completion"]["content"].replace(
+        "[[ ## completed ## ]]\n", "[[ ## extra ## ]]\nnever sampled\n\n[[ ## completed ## ]]\n")}} for item in group]
+    start = _lora_b(job)
+    job.step([{"batch_id": 0, "group": partial}], "grpo_chat")
+    check = job.checks[-1]
+    assert check.matched_items == 0 and check.trained_tokens == 0 and torch.equal(start, _lora_b(job))
+
+
+@pytest.mark.model
+def test_the_matched_share_counts_every_item_of_a_fresh_group(trainable):
+    lm, engine, tmp_path = trainable
+    job = _job(lm, tmp_path)
+    group = _distinct_group(engine, [1.0, 0.0, 0.5])
+    group[1] = {**group[1], "completion": {"role": "assistant", "content": "[[ ## answer ## ]]\nnever sampled\n\n"
+                                                                          "[[ ## completed ## ]]\n"}}
+    record = job.step([{"batch_id": 0, "group": group}], "grpo_chat")
+    check = job.checks[-1]
+    assert (check.fresh_groups, check.items, check.matched_items) == (1, 3, 2)
+    assert record.matched_share == pytest.approx(2 / 3)
 
 
 @pytest.mark.model
@@ -187,7 +272,7 @@ def test_a_step_moves_the_preferred_completion_up(trainable):
         assert after[0] - before[0] > after[1] - before[1], (before, after)
     assert math.isfinite(record.loss) and record.trained_groups == 1
     assert (tmp_path / job.job_id / "step-0003" / job.job_id / "adapter_model.safetensors").exists()
-    assert job.get_status()["pending_batch_ids"] == [3]
+    assert job.get_status()["pending_batch_ids"] == [3, 4]  # twice groups_per_step: see LocalReinforceJob.get_status
 
 
 @pytest.mark.model
@@ -305,6 +390,37 @@ def test_dspy_grpo_drives_the_backend_on_policy(trainable, mini_cache):
     saved = grpo_training.save_trained(mini_cache, trained, job)
     assert (saved / "program.json").exists() and (saved / "adapter").is_dir()
     _reload_checks(mini_cache, saved, trained, search, train[0].claim, adapter)
+
+
+@pytest.mark.model
+def test_a_short_step_leaves_no_stale_groups_in_dspys_queue(trainable, mini_cache):
+    """A rollout that ends before the query call gives dspy one group fewer; dspy refills the step with shuffled
+    copies and keeps the extra ones queued for the next step. Every step must still train all of its own groups."""
+    import threading
+
+    lm, engine, _ = trainable
+    search = retrieval.load_search(mini_cache)
+    train, _, _ = hover.seed_splits(mini_cache)
+    calls, lock = [0], threading.Lock()
+
+    class EndsEarlyOnce(ResearchHop):
+        def forward(self, claim):
+            with lock:
+                calls[0] += 1
+                short = calls[0] == 5  # the first rollout of step 2 (step 1 makes 2 claims x 2 rollouts)
+            if not short:
+                return super().forward(claim)
+            results = self.search(claim, k=self.num_docs)  # hop 0 and its notes, then it stops: no query call
+            notes = self.append_notes(claim=claim, key_facts=[], new_search_results=results).new_key_facts
+            return dspy.Prediction(key_facts=[notes], retrieved_docs=results, queries=[claim])
+
+    adapter = GuidedChatAdapter(max_tokens_per_field=12)
+    with dspy.context(adapter=adapter):
+        _, job = grpo_training.train(EndsEarlyOnce(num_docs=4, num_hops=2, search=search), train[:4], lm, adapter,
+                                     metrics.recall, grpo_presets.get_preset("mini"), mini_cache, num_train_steps=3,
+                                     num_dspy_examples_per_grpo_step=2, num_rollouts_per_grpo_step=2, num_threads=4)
+    fresh = [check.fresh_groups for check in job.checks]
+    assert fresh == [4, 3, 4], fresh  # step 2: one query group fewer; step 3: all four of its own again
 
 
 def _reload_checks(profile, saved, trained, search, claim, adapter):

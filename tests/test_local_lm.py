@@ -653,25 +653,36 @@ def test_a_damaged_converted_model_is_converted_again(engine, mini_cache, tmp_pa
 @pytest.mark.model
 @pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs Linux's /proc/stat")
 def test_worker_uses_fewer_threads_beside_a_busy_process(engine, lm):
-    """The worker drops a thread while another process spins on a core, and takes it back when it ends."""
+    """The worker drops a thread while another process spins on a core, and takes it back when it ends (relative
+    to whatever else the machine runs meanwhile)."""
     import os
     import subprocess
     import sys
     import time
 
+    def fitted():
+        share = engine.fair_share
+        return share.threads == max(1, min(os.cpu_count(), os.cpu_count() - int(share.others + 0.5)))
+
     lm("Say hi.", max_tokens=2)
-    assert engine.fair_share is not None and engine.fair_share.threads == os.cpu_count()
+    time.sleep(0.6)
+    lm("Write two long sentences about hills.", max_tokens=48)
+    quiet = engine.fair_share.others
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(1.0)
         lm("Write two long sentences about rivers.", max_tokens=48)
-        assert engine.fair_share.threads == max(1, os.cpu_count() - 1), engine.fair_share.others
+        loaded = engine.fair_share.others
+        assert fitted() and engine.fair_share.threads < os.cpu_count() and loaded > quiet + 0.6, (quiet, loaded)
     finally:
         busy.kill()
         busy.wait()
-    time.sleep(1.0)
-    lm("Write two long sentences about lakes.", max_tokens=48)
-    assert engine.fair_share.threads == os.cpu_count(), engine.fair_share.others
+    for attempt in range(6):  # the first reading after the kill may still cover some of the busy time
+        time.sleep(0.6)
+        lm(f"Write two long sentences about lake {attempt}.", max_tokens=48)
+        if engine.fair_share.others < loaded - 0.6:
+            break
+    assert fitted() and engine.fair_share.others < loaded - 0.6, (loaded, engine.fair_share.others)
 
 
 @pytest.mark.model
@@ -723,3 +734,22 @@ def test_control_token_text_inside_a_message_stays_text(engine):
     assert local_lm.prompt_ids(tok, plain) == tok(local_lm._render(tok, plain), add_special_tokens=False)["input_ids"]
     text, *_ = engine.generate([messages], local_lm.Sampling(0.0, 1.0, 0, 4))[0]
     assert isinstance(text, str)
+
+
+@pytest.mark.model
+def test_a_sampled_row_ends_at_its_stop_string(engine):
+    """The recorded ids (what GRPO trains on) end with the token that completed the stop string, not at max_tokens."""
+    conversation = [{"role": "user", "content": "Count from 1 to 30, separated by commas."}]
+    engine.recorder = []
+    try:
+        engine.seed_sampling(0)
+        out = engine.generate([conversation] * 3, local_lm.Sampling(0.7, 1.0, 0, 96), [("5",)] * 3)
+        records = list(engine.recorder)
+    finally:
+        engine.recorder = None
+    stopped = [r for r in records if r.finish == "stop" and "5" in engine.tokenizer.decode(r.ids)]
+    assert stopped, [(r.finish, engine.tokenizer.decode(r.ids)) for r in records]
+    for r in stopped:
+        assert len(r.ids) < 96 and len(r.logprobs) == len(r.ids)
+        assert "5" not in engine.tokenizer.decode(r.ids[:-1]), engine.tokenizer.decode(r.ids)
+    assert all("5" not in text for text, *_ in out)

@@ -79,3 +79,26 @@ def test_mean_se():
 def test_bad_pairs_are_refused(before, after):
     with pytest.raises(TutorialError):
         stats.paired_bootstrap_ci(before, after)
+
+
+def test_runs_that_disagree_widen_the_interval_even_when_each_run_is_certain():
+    """Four runs, each moving every claim by the same amount (no claim variance at all), but by different amounts:
+    the interval must cover how the runs differ (resampling claims alone would give zero width)."""
+    diffs = [[-10.0] * 100, [0.0] * 100, [0.0] * 100, [10.0] * 100]
+    mean, low, high = stats.seeds_and_claims_ci(diffs)
+    assert mean == 0.0 and low <= -2.5 and high >= 2.5
+    assert stats.seeds_and_claims_ci([[3.0] * 50] * 4) == (3.0, 3.0, 3.0)
+
+
+def test_identical_runs_give_the_claims_interval():
+    rng = np.random.default_rng(1)
+    one = list(rng.choice([-25.0, 0.0, 25.0, 50.0], size=200))
+    _, low, high = stats.seeds_and_claims_ci([one] * 4, n_boot=4000)
+    _, p_low, p_high = stats.paired_bootstrap_ci([0.0] * 200, one, n_boot=4000)
+    assert abs(low - p_low) < 1.0 and abs(high - p_high) < 1.0
+
+
+@pytest.mark.parametrize("diffs", [[], [[]], [[1.0, 2.0], [1.0]]])
+def test_runs_of_unequal_claims_are_refused(diffs):
+    with pytest.raises(TutorialError, match="same claims"):
+        stats.seeds_and_claims_ci(diffs)

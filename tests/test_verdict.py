@@ -39,3 +39,40 @@ def test_without_a_warm_start_grpo_gets_the_whole_change():
     assert "Warm start" not in text and "Both stages" not in text
     worse = grpo_training.verdict(WARM, BEFORE, job("step-0002", [0.0]))
     assert "made the program worse" in worse and "comes first" in worse
+
+
+def test_gain_pairs_claims_by_claim_not_by_position():
+    """The headline gain and its CI: after's rows in another order pair with the same claims (the CI depends on it)."""
+    import random
+
+    before = report([0.0, 0.5, 1.0, 0.0, 1.0, 0.5, 0.0, 1.0] * 5, [None] * 40)
+    after = report([0.5, 0.5, 1.0, 1.0, 1.0, 0.0, 0.5, 1.0] * 5, [None] * 40)
+    shuffled = after.per_claim.sample(frac=1.0, random_state=random.Random(0).randrange(1000)).reset_index(drop=True)
+    assert list(shuffled["claim"]) != list(after.per_claim["claim"])
+    expected = evaluation.gain(before, after)
+    assert evaluation.gain(before, evaluation.EvalReport("r", after.score, shuffled, 1.0)) == expected
+    other = after.per_claim.assign(claim=[f"x{i}" for i in range(40)])
+    import pytest
+
+    from helpers.util.errors import TutorialError
+
+    with pytest.raises(TutorialError, match="different claims"):
+        evaluation.gain(before, evaluation.EvalReport("r", after.score, other, 1.0))
+
+
+def test_the_verdict_reads_one_run_beside_the_benchmarks_seeds(tmp_path, capsys):
+    """06's verdict quotes the recorded distribution (how often GRPO helps, by how much) and where this run falls."""
+    import json
+
+    record = {"date": "2026-12-04", "commit": "abc1234", "claims": 100,
+              "seeds": [{"seed": s, "final step": g, "chosen checkpoint": g} for s, g in enumerate([0.0, 2.0, -1.0, 3.0])],
+              "pooled": {k: {"mean": 1.0, "low": -0.5, "high": 2.5} for k in ("final step", "chosen checkpoint")}}
+    path = tmp_path / "grpo_distribution.json"
+    path.write_text(json.dumps(record))
+    distribution = grpo_training.recorded_distribution(path)
+    text = grpo_training.verdict(BEFORE, WARM, job("step-0002", [0.5]), distribution=distribution)
+    assert "above 0 in 2 of 4 seeds" in text and "+0.0, +2.0, -1.0, +3.0" in text
+    assert "This run's +25.0 is above that range" in text and "not yet reliable" in text
+    assert grpo_training.recorded_distribution(tmp_path / "missing.json") is None
+    path.write_text(json.dumps({**record, "pooled": {}}))
+    assert grpo_training.recorded_distribution(path) is None and "is damaged (KeyError)" in capsys.readouterr().out

@@ -66,6 +66,22 @@ def test_teacher_finds_hidden_pages_with_bm25_alone(setup):
     assert teacher["hidden-page recall %"] > 20
 
 
+def test_teacher_recall_never_looks_at_the_gold_pages(mini_cache):
+    """The teacher's pages depend on the claim alone: scored against another claim's gold pages, its recall is what
+    its title-blind run gives against those pages (a teacher steered by gold titles would score higher)."""
+    search = retrieval.load_search(mini_cache)
+    _, dev, _ = hover.seed_splits(mini_cache)
+    examples = dev[:12]
+    swapped = [dspy.Example(claim=ex.claim, titles=other.titles).with_inputs("claim")
+               for ex, other in zip(examples, examples[1:] + examples[:1])]
+    expected = []
+    for ex in swapped:
+        docs = [d for name, _, out in warm_start.teacher_run(ex.claim, search) if name == "search" for d in out["docs"]]
+        expected.append(metrics.recall(ex, dspy.Prediction(retrieved_docs=docs)))
+    assert warm_start.teacher_recall(swapped, search)["recall %"] == pytest.approx(100 * sum(expected) / len(expected))
+    assert warm_start.teacher_recall(swapped, search)["recall %"] < warm_start.teacher_recall(examples, search)["recall %"]
+
+
 @pytest.mark.model
 def test_sft_rows_are_the_prompts_the_engine_is_fed(setup, monkeypatch):
     """Run ResearchHop through dspy, the adapter and the engine with the teacher's values as the LM's output:

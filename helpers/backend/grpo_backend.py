@@ -94,10 +94,16 @@ class LocalReinforceJob(ReinforceJob):
         return Path(self.checkpoint_dir) / self.job_id
 
     def get_status(self):
+        """Arbor's status. ``pending_batch_ids``: twice the groups a step yields when every rollout reaches every
+        predictor. dspy fills them from a queue it refills with shuffled copies of the step's groups; when a step
+        yields fewer (a rollout that ends before the query call), the copies left queued would open the next steps,
+        and with exactly ``groups_per_step`` pending only some of each later step's own groups would be handed over.
+        With twice as many every group of every step arrives at least once; repeats and leftovers match no records
+        of the step and are not trained (``DataCheck.stale_groups``)."""
         return {"job_id": self.job_id, "status": "running", "current_model": self.lm.model,
                 "checkpoints": {k: v["path"] for k, v in self.checkpoints.items()},
                 "last_checkpoint": self.last_checkpoint,
-                "pending_batch_ids": list(range(self._batch_id, self._batch_id + int(self.train_kwargs.get("groups_per_step", 1))))}
+                "pending_batch_ids": list(range(self._batch_id, self._batch_id + 2 * int(self.train_kwargs.get("groups_per_step", 1))))}
 
     def step(self, train_data, train_data_format=None):
         if train_data_format not in (None, TrainDataFormat.GRPO_CHAT, TrainDataFormat.GRPO_CHAT.value):
@@ -161,6 +167,7 @@ class LocalReinforceJob(ReinforceJob):
         loss_value, grad_norm = 0.0, 0.0
         if trainable:
             loss_value, grad_norm = self.policy.update(trainable, kw, self._steps)
+            self.data.count_sampled(self.policy.consumed, check)
         return StepLog(step=self._steps, groups=len(groups), trained_groups=check.groups_with_variance,
                        mean_reward=sum(rewards) / max(1, len(rewards)),
                        format_failures=sum(r <= failure_score for r in rewards) / max(1, len(rewards)),

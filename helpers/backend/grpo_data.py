@@ -18,6 +18,7 @@ the prompt. So the job trains on what the engine recorded instead:
 
 import math
 import re
+from array import array
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -49,8 +50,8 @@ class DataCheck:
     groups_with_variance: int = 0  # fresh groups whose rewards differ (the others teach nothing)
     items: int = 0  # items of the fresh groups
     matched_items: int = 0  # items whose every field is found among the records
-    trained_tokens: int = 0  # completion tokens in the rows
-    sampled_tokens: int = 0  # of those, tokens that are the engine's sampled ids (all of them, by construction)
+    trained_tokens: int = 0  # completion tokens the loss consumed (rows with a non-zero advantage)
+    sampled_tokens: int = 0  # of those, tokens of rows the engine recorded: same prompt ids, ids and log-probs
     unused_records: int = 0  # sampled rows no item claimed (e.g. rollouts that failed)
     nonfinite_groups: int = 0  # groups with an inf/nan reward: left out (their advantages are meaningless)
 
@@ -70,6 +71,7 @@ class OnPolicyData:
     engine: object
     scale_rewards: bool = True
     records: list = field(default_factory=list)
+    ledger: dict = field(default_factory=dict)  # prompt ids -> [(ids, float32 log-probs)]: copies of this step's records
 
     def start(self):
         """Record every sampled row from now on."""
@@ -81,9 +83,10 @@ class OnPolicyData:
 
     def rows(self, groups) -> tuple[list[TrainRow], DataCheck]:
         """Rows for the groups of one step; the records are used up (the next step starts from new rollouts)."""
-        pool = defaultdict(list)
+        pool, self.ledger = defaultdict(list), defaultdict(list)
         for record in self.records:
             pool[(tuple(record.prompt_ids), record.text.strip())].append(record)
+            self.ledger[tuple(record.prompt_ids)].append((tuple(record.ids), _float32(record.logprobs)))
         self.records.clear()
         check, rows = DataCheck(groups=len(groups)), []
         for group in groups:
@@ -105,10 +108,23 @@ class OnPolicyData:
                 check.matched_items += 1
                 for r in records:
                     rows.append(TrainRow(r.prompt_ids, r.ids, r.logprobs, r.temperature, advantage, r.nonblank))
-                    check.trained_tokens += len(r.ids)
-                    check.sampled_tokens += len(r.ids)
         check.unused_records = sum(len(v) for v in pool.values())
         return rows, check
+
+    def count_sampled(self, consumed, check: DataCheck) -> None:
+        """Fill ``check.trained_tokens`` / ``sampled_tokens`` from what the loss consumed (``LoraPolicy.consumed``:
+        prompt ids, completion ids, old log-probs per row) against this step's records (``ledger``).
+
+        A row counts as sampled when a record has its very prompt ids, and its ids and log-probs start the record's
+        (a completion cut at ``max_completion_length`` is still sampled). Anything else -- re-tokenised text, tokens
+        past the record, log-probs from another temperature -- lowers the share below 1.
+        """
+        for prompt, ids, logprobs in consumed:
+            n, ids, logprobs = len(ids), tuple(ids), _float32(logprobs)
+            check.trained_tokens += n
+            if any(r_ids[:n] == ids and r_lps[:n] == logprobs
+                   for r_ids, r_lps in self.ledger.get(tuple(prompt), ())):
+                check.sampled_tokens += n
 
     def _records_of(self, item, pool) -> list | None:
         """The records of every field of one item's reply, taken out of ``pool``; None if any is missing."""
@@ -123,3 +139,8 @@ class OnPolicyData:
         if not keys or any(not pool.get(k) for k in keys) or len(set(keys)) < len(keys):
             return None
         return [pool[k].pop() for k in keys]
+
+
+def _float32(values) -> tuple:
+    """Log-probs as the loss holds them (float32), for an exact comparison."""
+    return tuple(array("f", values).tolist())

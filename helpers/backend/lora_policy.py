@@ -129,13 +129,15 @@ class LoraPolicy:
         advantages = torch.tensor([r.advantage for r in rows], dtype=torch.float32)
         steps = _optimizer_steps(len(rows), micro, per_step)
         losses, norm = [], 0.0
+        self.consumed = []  # (prompt ids, completion ids, old log-probs) of every row, as the loss gets them
+        self.first_max_logratio = 0.0  # max |new - old log-prob| before the first optimizer step: ~0 when on policy
         # Checkpointing recomputes activations (less memory) but drops the shared-prefix states; sharing is faster.
         checkpointing = bool(kw.get("gradient_checkpointing", False))
         logprobs = _completion_logprobs if checkpointing else shared_prefix_logprobs
         with self.engine.lock, _checkpointing(model, checkpointing):
             model.train()
-            for _ in range(iterations):
-                for step_chunks in steps:
+            for iteration in range(iterations):
+                for n_step, step_chunks in enumerate(steps):
                     tokens = sum(len(encoded[i][1]) for c in step_chunks for i in c)
                     completions = sum(len(c) for c in step_chunks)
                     for chunk in step_chunks:
@@ -150,6 +152,11 @@ class LoraPolicy:
                         old_logps = torch.zeros_like(logps)
                         for row, i in enumerate(chunk):
                             old_logps[row, : len(old[i])] = old[i]
+                            if iteration == 0:
+                                self.consumed.append((batch[row][0], batch[row][1], old_logps[row, : len(batch[row][1])].tolist()))
+                        if iteration == 0 and n_step == 0:  # still the rollout's weights: the ratio must be 1
+                            gap = ((logps.detach().float() - old_logps).abs() * masks).max()
+                            self.first_max_logratio = max(self.first_max_logratio, float(gap))
                         loss = grpo_loss.policy_loss(logps.float(), old_logps, advantages[chunk.start:chunk.stop], masks,
                                                      epsilon, loss_type, beta, ref,
                                                      denominator=max(1, tokens if loss_type == "dapo" else completions))

@@ -66,6 +66,6 @@ class FairShare:
         (t0, all0, own0), (t1, all1, own1) = self._last, now
         self._last = now
         self.others = max(0.0, ((all1 - all0) - (own1 - own0)) / (t1 - t0))
-        taken = math.floor(self.others + 0.6)  # a core counts as taken from 0.4 of it busy
+        taken = math.floor(self.others + 0.5)  # a core counts as taken from half of it busy
         self.threads = max(1, min(self.cores, self.cores - taken))
         return self.threads

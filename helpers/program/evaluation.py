@@ -157,8 +157,10 @@ def run_eval(program, examples, threads: int, name: str = "ResearchHop", num_doc
 def gain(before: EvalReport, after: EvalReport, seed: int = 0) -> tuple[float, float, float]:
     """Recall gain in points with its paired bootstrap 95 % CI: ``(gain, low, high)`` over the same claims."""
     b, a = before.per_claim.set_index("claim")["recall"], after.per_claim.set_index("claim")["recall"]
-    if list(b.index) != list(a.index):
-        raise ValueError("the two reports cover different claims: evaluate both on the same list")
+    if list(b.index) != list(a.index):  # pair by claim, never by position: the CI depends on the pairs
+        if b.index.has_duplicates or a.index.has_duplicates or set(b.index) != set(a.index):
+            raise TutorialError(f"{before.name!r} and {after.name!r} cover different claims: evaluate both on the same list")
+        a = a.reindex(b.index)
     mean, low, high = stats.paired_bootstrap_ci(list(100 * b), list(100 * a), seed=seed)
     return mean, low, high
 

@@ -22,6 +22,7 @@ from helpers.rl.grpo_presets import GRPOPreset, train_kwargs_for
 from helpers.util import atomic
 from helpers.util.dspy_compat import loggers_quieted, rollout_bars_hidden, stragglers_not_resubmitted
 from helpers.util.errors import TutorialError
+from helpers.util.paths import display_path
 
 
 def make_compiler(preset: GRPOPreset, metric, adapter, train_kwargs, lm=None, **overrides):
@@ -213,11 +214,51 @@ def data_check(job) -> pd.DataFrame:
     return pd.DataFrame(rows, index=pd.Index(range(1, len(rows) + 1), name="step"))
 
 
-def verdict(before, after, job, warm=None) -> str:
+DISTRIBUTION_FILE = Path(__file__).with_name("grpo_distribution.json")
+
+
+def recorded_distribution(path: Path = DISTRIBUTION_FILE) -> dict | None:
+    """The latest ``benchmarks/grpo_mini.py --record`` run: GRPO's gain over several sampling seeds from 06's warm
+    start (per seed, pooled with a CI over seeds and claims). Read as data; None (with a line saying why) if missing
+    or damaged."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        seeds = [(int(s["seed"]), float(s["final step"]), float(s["chosen checkpoint"])) for s in record["seeds"]]
+        pooled = {k: {q: float(record["pooled"][k][q]) for q in ("mean", "low", "high")}
+                  for k in ("final step", "chosen checkpoint")}
+        return {**record, "seeds": seeds, "pooled": pooled, "claims": int(record["claims"])}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"{display_path(path)} is damaged ({type(exc).__name__}): no recorded distribution to compare with")
+        return None
+
+
+def distribution_lines(record: dict, this_run: float | None = None) -> list[str]:
+    """How often GRPO helps, by how much (the benchmark's seeds), and where this run's gain falls among them."""
+    pooled, seeds = record["pooled"]["chosen checkpoint"], [chosen for _, _, chosen in record["seeds"]]
+    lines = [f"Over {len(seeds)} sampling seeds from the same warm start ({record['claims']} dev claims, "
+             f"benchmarks/grpo_mini.py, {record.get('commit', '?')}): GRPO's chosen checkpoint gained "
+             + ", ".join(f"{g:+.1f}" for g in seeds) + f" points; pooled {pooled['mean']:+.1f} (95% CI over seeds "
+             f"and claims {pooled['low']:+.1f} to {pooled['high']:+.1f}); above 0 in {sum(g > 0 for g in seeds)} of "
+             f"{len(seeds)} seeds."]
+    if this_run is not None:
+        where = ("within" if min(seeds) <= this_run <= max(seeds) else "above" if this_run > max(seeds) else "below")
+        lines.append(f"This run's {this_run:+.1f} is {where} that range of seeds.")
+    if pooled["low"] > 0:
+        lines.append("Across seeds GRPO helps on average: a single run may still show nothing.")
+    else:
+        lines.append("Across seeds the interval includes zero: as set up here, GRPO's gain is not yet reliable; "
+                     "the warm start is what reliably helps.")
+    return lines
+
+
+def verdict(before, after, job, warm=None, distribution: dict | None = None) -> str:
     """What one run says, in words: the gain with its CI, which checkpoint won, what to try next (06 ends with it).
 
     ``warm``: the warm start's report, when GRPO started from one; then the supervised stage and what GRPO itself
-    added are separate lines, so RL is not credited with what behaviour cloning did.
+    added are separate lines, so RL is not credited with what behaviour cloning did. ``distribution``: the
+    benchmark's record over several seeds (``recorded_distribution``), so one sampled run is read beside many.
     """
     from helpers.program import evaluation
 
@@ -252,6 +293,8 @@ def verdict(before, after, job, warm=None) -> str:
                      "claims: that is what the reward can reinforce; more steps and claims per step give it more chances.")
     if warm is not None:
         lines.append(change_line("Both stages", before, after)[0])
+    if distribution is not None:
+        lines += distribution_lines(distribution, evaluation.gain(start, after)[0])
     return "\n".join(lines)
 
 

@@ -35,3 +35,29 @@ def paired_bootstrap_ci(before: list[float], after: list[float], n_boot: int = 1
     means = diff[idx].mean(axis=1)
     low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
     return float(diff.mean()), float(low), float(high)
+
+
+def seeds_and_claims_ci(diffs: list[list[float]], n_boot: int = 10000, alpha: float = 0.05,
+                        seed: int = 0) -> tuple[float, float, float]:
+    """Mean gain over training runs and claims, with a (1 - alpha) bootstrap interval that resamples both.
+
+    ``diffs[s][i]``: after - before on claim ``i`` in the run with sampling seed ``s`` (every run on the same claims).
+    Each resample draws the runs with replacement and, independently, the claims, and averages the drawn runs on the
+    drawn claims, so the interval covers how much a run varies (which a paired bootstrap over one run's claims
+    cannot) and how much the claims do, with a claim's difficulty shared by every run. Returns ``(mean, low, high)``.
+    """
+    try:
+        d = np.asarray(diffs, dtype=float)
+    except ValueError:
+        d = np.empty(0)  # runs of different lengths
+    if d.ndim != 2 or d.size == 0:
+        raise TutorialError("need one list of per-claim gains per run, every run on the same claims (none empty)")
+    if not 0 < alpha < 1 or n_boot < 1:
+        raise TutorialError(f"need 0 < alpha < 1 and n_boot >= 1, got alpha={alpha}, n_boot={n_boot}")
+    rng = np.random.default_rng(seed)
+    runs, claims = d.shape
+    means = np.empty(n_boot)
+    for b in range(n_boot):
+        means[b] = d[np.ix_(rng.integers(0, runs, runs), rng.integers(0, claims, claims))].mean()
+    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return float(d.mean()), float(low), float(high)
