@@ -47,7 +47,7 @@ def main():
     if args.quick:
         args.seeds, args.steps = args.seeds[:1], 1
     if args.record and (args.quick or not args.warm_start or len(set(args.seeds)) < 4 or args.dev < 100):
-        parser.error("--record needs --warm-start, 4 or more different --seeds and --dev 100 or more (06's set-up)")
+        parser.error("argument --record: needs --warm-start, 4 or more different --seeds and --dev 100 or more (06's set-up)")
     profile = bootstrap.start("mini")
 
     import dspy

@@ -1,7 +1,10 @@
 """Embedded LM: the tutorial's workload on the reference engine vs the engine, then single-stream vs batched throughput.
 
 Run: python benchmarks/lm_throughput.py [--claims 24] [--rollouts 3x6] [--no-found] [--tokens 64] [--prompts 8]
-First the workload, in one process: a greedy ResearchHop evaluation of ``--claims`` dev claims (same per-claim
+[--beside-busy 12]
+First, in a child process, sharing the machine: a greedy evaluation of ``--beside-busy`` dev claims alone, beside one
+process that keeps a core busy, and alone again (``beside_busy``; goal <= 2.5x alone).
+Then the workload, in one process: a greedy ResearchHop evaluation of ``--claims`` dev claims (same per-claim
 results required) and one GRPO step's rollouts (claims x rollouts programs, sampled), "before" (the reference engine:
 static batches gathered for 50 ms, one ``model.generate`` each, every prompt prefilled in full; see
 ``serve_static_batches``) and "after" (continuous batching and prefix reuse), with prompt tokens computed vs

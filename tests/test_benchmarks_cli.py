@@ -20,6 +20,8 @@ BAD = [
     ("warm_start.py", ["--steps", "0"], "--steps"), ("warm_start.py", ["--max-minutes", "inf"], "--max-minutes"),
     ("retrieval.py", ["--sizes", "0"], "--sizes"), ("retrieval.py", ["--queries", "1.5"], "--queries"),
     ("lm_throughput.py", ["--rollouts", "3x"], "--rollouts"), ("lm_throughput.py", ["--claims", "-1"], "--claims"),
+    ("lm_throughput.py", ["--beside-busy", "1.5"], "--beside-busy"),
+    ("grpo_mini.py", ["--record", "--seeds", "0", "1", "2"], "--record"),
 ]
 
 

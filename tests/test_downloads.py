@@ -7,6 +7,7 @@ import pytest
 
 from helpers.data import downloads
 from helpers.util.errors import TutorialError
+from tests.concurrency import at_once
 from tests.fileserver import FileServer
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
@@ -47,7 +48,7 @@ def test_a_changed_pinned_sha256_is_checked_again_not_trusted_from_the_stamp(ser
 
 @pytest.mark.parametrize("header", ["abc", "-5", "1e9", ""])
 def test_a_nonsense_content_length_is_no_crash(server, tmp_path, header):
-    """Content-Length: abc (or -5) used to raise a raw ValueError; the size is then unknown and the sha256 decides."""
+    """Content-Length: abc (or -5) is no size at all (not a raw ValueError): the size is unknown and the sha256 decides."""
     url = server.url + "/data/corpus.tar.gz"
     server.length["/data/corpus.tar.gz"] = header
     assert downloads.fetch(url, tmp_path, sha256=SHA, progress=False).read_bytes() == PAYLOAD
@@ -288,22 +289,9 @@ def test_already_downloaded_file_with_a_wrong_sha_is_set_aside_and_fetched_again
 
 
 def test_two_downloads_of_the_same_file_at_once(server, tmp_path):
-    import threading
-
     server.delay["/data/corpus.tar.gz"] = 0.05  # ~0.8 s per download, so the two overlap
-    results, errors = [], []
-
-    def one():
-        try:
-            results.append(downloads.fetch(server.url + "/data/corpus.tar.gz", tmp_path, sha256=SHA, progress=False))
-        except Exception as exc:  # noqa: BLE001 - the test reports whatever escaped
-            errors.append(repr(exc))
-
-    threads = [threading.Thread(target=one) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results, errors = at_once(lambda: downloads.fetch(server.url + "/data/corpus.tar.gz", tmp_path, sha256=SHA,
+                                                      progress=False), 2)
     assert errors == [] and [p.read_bytes() == PAYLOAD for p in results] == [True, True]
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [
         "corpus.tar.gz", "corpus.tar.gz.verified.json"]

@@ -17,6 +17,7 @@ from helpers.program.research_hop import ResearchHop, SeedPatternResearchHop, tr
 from helpers.rl import grpo_presets, grpo_training
 from helpers.search import retrieval
 from helpers.util.errors import TutorialError
+from tests.concurrency import at_once
 
 
 MESSAGES = [{"role": "system", "content": "Answer with one word."}, {"role": "user", "content": "Name a colour of the sky."}]
@@ -527,8 +528,7 @@ def test_the_backend_follows_the_grpo_call_it_serves(mini_profile):
 
 
 def test_two_saves_of_the_same_trained_program_take_turns(mini_profile, tmp_path):
-    """Two writers of one trained folder used to collide (raw FileNotFoundError / 'Directory not empty')."""
-    import threading
+    """Two writers of one trained folder take turns (colliding, they raise FileNotFoundError / 'Directory not empty')."""
     from types import SimpleNamespace
 
     adapter_dir = tmp_path / "ckpt"
@@ -537,28 +537,19 @@ def test_two_saves_of_the_same_trained_program_take_turns(mini_profile, tmp_path
     job = SimpleNamespace(best_checkpoint="step-0001", last_checkpoint="step-0001", job_id="grpo-test",
                           checkpoints={"step-0001": {"path": adapter_dir}})
     program = ResearchHop(4, 2, search=lambda query, k: [])
-    errors = []
-
     def save_many():
         for _ in range(15):
-            try:
-                grpo_training.save_trained(mini_profile, program, job, name="turns")
-            except Exception as exc:  # noqa: BLE001 - the test collects whatever a collision raises
-                errors.append(repr(exc))
+            grpo_training.save_trained(mini_profile, program, job, name="turns")
 
-    writers = [threading.Thread(target=save_many) for _ in range(3)]
-    for w in writers:
-        w.start()
-    for w in writers:
-        w.join()
+    _, errors = at_once(save_many, 3)
     assert errors == []
     folder = mini_profile.cache_dir / "trained" / "turns"
     assert sorted(p.name for p in folder.iterdir()) == ["adapter", "program.json", "trained.json"]
 
 
 def _damaged_adapters_are_refused(profile, saved, fresh, lm, engine):
-    """Adapter tensors named for another model used to report "loaded" with no effect; NaN weights loaded; a rank
-    mismatch or a truncated file gave raw errors. Each is refused in one line, before any weight changes."""
+    """Adapter tensors named for another model (peft reports them "loaded" with no effect), NaN weights, a rank
+    mismatch or a truncated file (raw errors): each is refused in one line, before any weight changes."""
     from safetensors.torch import load_file, save_file
 
     weights = next((saved / "adapter").rglob("adapter_model.safetensors"))

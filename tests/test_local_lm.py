@@ -564,7 +564,7 @@ def test_greedy_and_sampled_calls_at_once_each_get_their_own_setting(engine, lm)
 
 @pytest.mark.model
 def test_a_prompt_past_the_context_window_is_refused_at_once(engine, lm):
-    """SmolLM2 reads 8,192 tokens: a longer prompt used to run for minutes and return garbage."""
+    """SmolLM2 reads 8,192 tokens: a longer prompt is refused (run, it takes minutes and returns garbage)."""
     import time
 
     window = engine.model.config.max_position_embeddings
@@ -619,8 +619,8 @@ print(engine._worker.is_alive())
 
 @pytest.mark.model
 def test_at_exit_the_engine_worker_ends_before_the_interpreter_stops_it(mini_cache):
-    """A daemon worker stopped by the interpreter inside torch code aborted the process ('terminate called without an
-    active exception', exit 134) in about one exit of six: at exit the worker now finishes and ends first."""
+    """A daemon worker stopped by the interpreter inside torch code aborts the process ('terminate called without an
+    active exception', exit 134; about one exit in six): at exit the worker finishes and ends first."""
     import os
     import subprocess
     import sys
@@ -634,7 +634,7 @@ def test_at_exit_the_engine_worker_ends_before_the_interpreter_stops_it(mini_cac
 
 @pytest.mark.model
 def test_a_damaged_converted_model_is_converted_again(engine, mini_cache, tmp_path, capsys):
-    """A truncated model.safetensors or a broken converted.json gave raw errors with no hint: now it is reconverted."""
+    """A truncated model.safetensors or a broken converted.json is converted again (not a raw error with no hint)."""
     import shutil
 
     cached = mini_cache.cache_dir / "models" / local_lm.MODEL_NAME

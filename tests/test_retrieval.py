@@ -275,8 +275,8 @@ def test_a_killed_index_save_leaves_nothing_once_the_index_is_loaded(tmp_path):
     ("indptr.csc.index.npy", lambda a: a.reshape(1, -1)), ("offsets.npy", lambda a: a.astype("float64")),
 ], ids=["meta-null", "meta-list", "vocab-list", "vocab-null", "scores-f64", "ids-f32", "indptr-2d", "offsets-f64"])
 def test_damaged_files_of_every_kind_are_refused_at_load_and_rebuilt(small, damage):
-    """Valid JSON or arrays of the wrong kind used to pass the load checks and fail later (AttributeError, numba typing
-    errors at the first query); each is now 'damaged: rebuild', so load_search rebuilds the index."""
+    """Valid JSON or arrays of the wrong kind fail the load checks (not later: AttributeError, numba typing errors at
+    the first query); each is 'damaged: rebuild', so load_search rebuilds the index."""
     search, folder = small
     name, change = damage
     if callable(change):
