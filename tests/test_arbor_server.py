@@ -4,6 +4,7 @@ The server runs as its own process on a free 127.0.0.1 port (``python -m helpers
 the embedded SmolLM2; the client side is Arbor 0.2.17's own classes, loaded without Arbor's package ``__init__``.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -31,9 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PROBE = [{"role": "system", "content": "Answer with one short phrase."},
          {"role": "user", "content": "Which city is the capital of the country where the Danube ends?"},
          {"role": "assistant", "content": "[[ ## answer ## ]]\n"}]
+ROLLOUTS = 2  # a group: two rollouts of one claim at temperature 1.0 (the seeds' ArborGRPO setting)
 TRAIN_KWARGS = {  # one trainer step = 2 x 2 samples = two groups of 2: one claim's two predictors, as dspy sends them
     "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "learning_rate": 1e-2,
-    "lora_config": grpo_presets.MINI_LORA, "temperature": 0.7, "beta": 0.0, "loss_type": "dapo", "scale_rewards": True,
+    "lora_config": grpo_presets.MINI_LORA, "temperature": 1.0, "beta": 0.0, "loss_type": "dapo", "scale_rewards": True,
     "max_completion_length": 64}
 
 
@@ -86,6 +88,14 @@ def _answer(lm, model=None):
         return (lm.copy(model=model) if model else lm)(messages=PROBE, max_tokens=12, stop=["\n\n"])[0]
 
 
+def test_one_arbor_version_is_pinned_everywhere():
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["arbor"] == [f"arbor-ai=={arbor_files.ARBOR_VERSION}"] == [arbor_files.INSTALL.split()[-1]]
+    assert f"ARBOR := arbor-ai=={arbor_files.ARBOR_VERSION}" in (ROOT / "Makefile").read_text()
+
+
 def test_the_client_loads_without_arbors_server_stack():
     """Arbor's client, optimizer and schemas come from their files: ``import arbor`` (vllm, trl, the server) never runs."""
     probe = ("import sys; from helpers.util import arbor_files as a; a.provider_class(); a.grpo_class(); a.schemas(); "
@@ -96,7 +106,7 @@ def test_the_client_loads_without_arbors_server_stack():
 
 
 def _research_hop(search):
-    return ResearchHop(num_docs=4, num_hops=2, search=search)
+    return ResearchHop(num_docs=2, num_hops=2, search=search)  # two hops; two pages each keep prompts short
 
 
 def _evaluate(lm, adapter, search, claims):
@@ -118,17 +128,17 @@ def test_research_hop_and_dspy_grpo_through_arbor_provider(server, mini_profile,
     schemas = arbor_files.schemas()
     search = retrieval.load_search(mini_profile)
     train, dev, _ = hover.seed_splits(mini_profile)
-    adapter = GuidedChatAdapter(max_tokens_per_field=16)
+    adapter = GuidedChatAdapter(max_tokens_per_field=10)
     greedy = _arbor_lm(mini_profile, server, monkeypatch, temperature=0.0)  # DSPy's cache on, as in the notebooks
-    before = _evaluate(greedy, adapter, search, dev[:3])
+    before = _evaluate(greedy, adapter, search, dev[:2])
     assert 0.0 <= before.score <= 100.0
     probe = _answer(greedy)
 
-    lm = _arbor_lm(mini_profile, server, monkeypatch)  # temperature 0.7: rollouts
+    lm = _arbor_lm(mini_profile, server, monkeypatch, temperature=1.0)  # rollouts
     program = _research_hop(search)
     program.set_lm(lm)
-    compiler = GRPO(metric=metrics.recall, adapter=adapter, train_kwargs=dict(TRAIN_KWARGS), num_train_steps=2,
-                    num_dspy_examples_per_grpo_step=1, num_rollouts_per_grpo_step=2, exclude_demos=True, multitask=True,
+    compiler = GRPO(metric=shaped_recall, adapter=adapter, train_kwargs=dict(TRAIN_KWARGS), num_train_steps=1,
+                    num_dspy_examples_per_grpo_step=1, num_rollouts_per_grpo_step=ROLLOUTS, exclude_demos=True, multitask=True,
                     num_threads=4, use_train_as_val=False, report_train_scores=False, failure_score=0.0,
                     format_failure_score=-1.0, seed=0)
     with dspy.context(adapter=adapter), grpo_training.one_line_per_step():
@@ -142,15 +152,15 @@ def test_research_hop_and_dspy_grpo_through_arbor_provider(server, mini_profile,
     assert status == 200 and status_.current_model == model and status_.status == "succeeded"
     assert status_.last_checkpoint == "checkpoint_final" and Path(status_.checkpoints["checkpoint_final"]["path"]).is_dir()
     steps = _steps(server)[job_id]["steps"]
-    assert [s["step"] for s in steps] == [1, 2]
+    assert [s["step"] for s in steps] == [1]
     for step in steps:  # one claim, two predictors: two groups of two per trainer step, every item found
-        assert step["groups"] == step["fresh_groups"] == 2 and step["matched_share"] == 1.0 == step["sampled_share"]
-        assert math.isfinite(step["loss"]) and step["seconds"] > 0
+        assert step["groups"] == step["fresh_groups"] == 2 and step["matched_of_received"] == 1.0 == step["sampled_share"]
+        assert math.isfinite(step["loss"]) and step["seconds"] > 0 and step["trained_groups"] > 0
 
     # the trained weights answer for the job's name; DSPy's cache keeps the base name's answer; an older name is refused
-    after = _evaluate(greedy.copy(model=lm.model), adapter, search, dev[:3])
+    after = _evaluate(greedy.copy(model=lm.model), adapter, search, dev[:2])
     assert _outputs(after) != _outputs(before)
-    assert _outputs(_evaluate(greedy, adapter, search, dev[:3])) == _outputs(before)  # DSPy's cache: never sent
+    assert _outputs(_evaluate(greedy, adapter, search, dev[:2])) == _outputs(before)  # DSPy's cache: never sent
     assert _answer(greedy) == probe  # the same: the server would refuse the base name now
     refused, payload = _post(server, "chat/completions", {"model": "arbor:SmolLM2-135M-Instruct", "messages": PROBE})
     assert (refused, payload["type"]) == (409, "ModelBusy") and model in payload["message"]
@@ -164,20 +174,26 @@ def test_research_hop_and_dspy_grpo_through_arbor_provider(server, mini_profile,
     assert (wrong, payload["type"]) == (409, "JobTerminated")
 
 
+def shaped_recall(example, pred, trace=None):
+    """The seeds' recall plus a tie-break below 0.001 that is a fixed function of the LM's queries and notes: two
+    rollouts that wrote different text never tie (on the mini world most rollouts of a claim tie on recall, and a
+    tied group has no gradient). It makes the tiny runs here train; it teaches nothing."""
+    text = json.dumps([getattr(pred, "queries", None), getattr(pred, "key_facts", None)], default=str)
+    return metrics.recall(example, pred, trace) + int(hashlib.sha256(text.encode()).hexdigest()[:6], 16) / 16**6 / 1000
+
+
 class WeightsMoved:
-    """Training reward: the seeds' recall plus 0.001 per distinct query word, so two rollouts whose queries differ
-    never tie (on the mini world most rollouts of a claim tie on recall, and a tied group has no gradient).
-    Validation (examples marked ``validation``): 1.0 once the LM's name -- the server's current_model, which carries
-    a digest of the weights -- differs from the name before training. Two steps on a 135M model need not raise
-    recall; this makes ArborGRPO's best-so-far logic take its checkpoint whenever a step changed the weights."""
+    """Training reward: ``shaped_recall``. Validation (examples marked ``validation``): 1.0 once the LM's name -- the
+    server's current_model, which carries a digest of the weights -- differs from the name before training. Two steps
+    on a 135M model need not raise recall; this makes ArborGRPO's best-so-far logic take its checkpoint whenever a
+    step changed the weights."""
 
     def __init__(self, lm):
         self.lm, self.start, self.__name__ = lm, None, "weights_moved"
 
     def __call__(self, example, pred, trace=None):
         if not example.get("validation"):
-            words = {w for q in (getattr(pred, "queries", None) or [])[1:] for w in str(q).lower().split()}
-            return metrics.recall(example, pred, trace) + 0.001 * len(words)
+            return shaped_recall(example, pred, trace)
         self.start = self.start or self.lm.model
         return float(self.lm.model != self.start)
 
@@ -187,15 +203,15 @@ def test_arbor_grpo_takes_its_checkpoint_over_http(server, mini_profile, monkeyp
     """Seed 001's path: Arbor's own ``ArborGRPO`` with a validation set, so it calls /checkpoint when the score rises."""
     search = retrieval.load_search(mini_profile)
     train, dev, _ = hover.seed_splits(mini_profile)
-    adapter = GuidedChatAdapter(max_tokens_per_field=16)
-    lm = _arbor_lm(mini_profile, server, monkeypatch, top_p=1.0)
+    adapter = GuidedChatAdapter(max_tokens_per_field=10)
+    lm = _arbor_lm(mini_profile, server, monkeypatch, temperature=1.0)
     program = _research_hop(search)
     program.set_lm(lm)
     metric = WeightsMoved(lm)
     preset = grpo_presets.get_preset("seed_arbor_4gpu")
     train_kwargs = {**TRAIN_KWARGS, "top_k": -1, "top_p": 1.0, "repetition_penalty": 1.0}
     compiler = grpo_training.make_compiler(preset, metric, adapter, train_kwargs, lm=lm, num_train_steps=2,
-                                           num_dspy_examples_per_grpo_step=1, num_rollouts_per_grpo_step=2,
+                                           num_dspy_examples_per_grpo_step=1, num_rollouts_per_grpo_step=ROLLOUTS,
                                            num_threads=4, num_steps_for_val=1, format_failure_score=-1.0)
     assert type(compiler).__name__ == "ArborGRPO"
     valset = [dev[0].copy(validation=True)]
@@ -210,7 +226,7 @@ def test_arbor_grpo_takes_its_checkpoint_over_http(server, mini_profile, monkeyp
     saved = Path(status_.checkpoints["model_checkpoint_best"]["path"])
     assert any(saved.rglob("adapter_model.safetensors"))
     steps = _steps(server)[job_id]["steps"]
-    assert len(steps) == 2 and all(s["matched_share"] == 1.0 == s["sampled_share"] for s in steps)
+    assert len(steps) == 2 and all(s["matched_of_received"] == 1.0 == s["sampled_share"] for s in steps)
     assert steps[0]["trained_groups"] > 0  # the first step had a gradient: that is what the validation score saw
     wrong, payload = _post(server, "fine_tuning/grpo/initialize", {"model": "Qwen/Qwen2.5-7B-Instruct",
                                                                    "trainer_config": {"num_generations": 2},
@@ -221,7 +237,9 @@ def test_arbor_grpo_takes_its_checkpoint_over_http(server, mini_profile, monkeyp
 @pytest.mark.model
 def test_bad_bodies_are_answered_4xx_in_one_line(server):
     schemas = arbor_files.schemas()
-    huge = {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "word " * 9000}]}
+    with urllib.request.urlopen(server + "models", timeout=30) as response:
+        served = json.loads(response.read())["data"][-1]["id"]  # the live job's model (the GRPO tests ran first)
+    huge = {"model": served, "messages": [{"role": "user", "content": "word " * 9000}]}
     cases = [
         ("chat/completions", b"{not json", 400, "JSONDecodeError"),
         ("chat/completions", [1, 2], 422, "RequestValidationError"),
@@ -244,7 +262,7 @@ def test_bad_bodies_are_answered_4xx_in_one_line(server):
         got, payload = _post(server, route, body)
         assert (got, payload["type"]) == (status, kind), (route, payload)
         assert set(payload) == {"type", "message", "timestamp"} and "\n" not in payload["message"], payload
-    status, reply = _post(server, "chat/completions", {"model": "arbor:SmolLM2-135M-Instruct", "messages": PROBE,
+    status, reply = _post(server, "chat/completions", {"model": f"openai/arbor:{served}", "messages": PROBE,
                                                        "max_tokens": 8, "temperature": 0.7, "n": 3, "top_k": -1,
                                                        "repetition_penalty": 1.0, "stop": ["\n\n"]})
     assert status == 200 and len(schemas.ChatCompletionModel.model_validate(reply).choices) == 3  # still serving
@@ -255,6 +273,13 @@ def test_bad_bodies_are_answered_4xx_in_one_line(server):
         "inference_config": {"model": "SmolLM2-135M-Instruct"}})
     job = schemas.GRPOStatus.model_validate(payload)
     assert status == 200 and job.pending_batch_ids == [0, 1, 2, 3]  # 8 x 1 samples per trainer step (Arbor's defaults)
+    assert _post(server, "fine_tuning/grpo/terminate", {"job_id": job.job_id})[0] == 200
+    status, payload = _post(server, "fine_tuning/grpo/initialize", {  # a trainer step of one group of two
+        "model": "SmolLM2-135M-Instruct", "trainer_config": {"num_generations": 2, "per_device_train_batch_size": 2,
+                                                             "gradient_accumulation_steps": 1},
+        "inference_config": {"model": "SmolLM2-135M-Instruct"}})
+    job = schemas.GRPOStatus.model_validate(payload)
+    assert status == 200 and job.pending_batch_ids == [0]
     item = {"messages": PROBE[:2], "completion": {"role": "assistant", "content": "Vienna"}, "reward": 1.0}
     step = {"job_id": job.job_id, "model": job.current_model, "batch_id": 7}
     cases = [
@@ -268,11 +293,16 @@ def test_bad_bodies_are_answered_4xx_in_one_line(server):
     for route, body, status, said in cases:
         got, payload = _post(server, route, body)
         assert got == status and said in payload["message"] and "\n" not in payload["message"], (route, payload)
-    status, payload = _post(server, "fine_tuning/grpo/step", {**step, "batch": [item, item]})  # never sampled
-    assert status == 200 and schemas.GRPOStatus.model_validate(payload).pending_batch_ids == [1, 2, 3]  # ids: the server's
+    # completions the engine never sampled: the step runs, trains nothing, and says how many it could not match
+    status, payload = _post(server, "fine_tuning/grpo/step", {**step, "batch": [item, {**item, "reward": 0.0}]})
+    stepped = schemas.GRPOStatus.model_validate(payload)
+    assert status == 200 and stepped.pending_batch_ids == [1]  # the server's batch ids, not the client's 7
+    assert stepped.current_model == job.current_model  # the weights did not change
+    [record] = _steps(server)[job.job_id]["steps"]
+    assert (record["received_items"], record["unmatched_items"], record["matched_of_received"]) == (2, 2, 0.0)
+    assert record["data"]["stale_groups"] == 1 and record["loss"] == 0.0
     status, payload = _post(server, "fine_tuning/grpo/terminate", {"job_id": job.job_id})
     assert status == 200 and schemas.GRPOStatus.model_validate(payload).last_checkpoint == "checkpoint_final"
-    assert _steps(server)[job.job_id] == {"steps": [], "dropped_groups": 1, "pending_groups": 0}
     earlier = [name for name in _steps(server) if name != job.job_id]  # the GRPO tests' jobs: their LoRA left the model
     for name in earlier:
         got, payload = _post(server, "chat/completions", {"model": name, "messages": PROBE})

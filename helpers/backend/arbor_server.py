@@ -103,6 +103,7 @@ class ServedJob:
     terminated: bool = False
     replaced_by: str | None = None  # a later job whose LoRA took this one's place on the model
     records: dict = field(default_factory=dict)  # checkpoint name -> Arbor's checkpoint record
+    items: list = field(default_factory=list)  # per trainer step: the items (completions) it received
 
 
 class ArborCPU:
@@ -254,8 +255,16 @@ class ArborCPU:
         return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "arbor-cpu"} for n in names]}
 
     def steps(self) -> dict:
-        return {"jobs": {s.arbor_id: {"steps": [asdict(r) for r in s.job.history], "dropped_groups": s.dropped,
-                                      "pending_groups": len(s.pending)} for s in self.jobs.values()}}
+        """Per job, each trainer step's ``StepLog`` and data check, and the share of the completions it received that
+        were found among the engine's sampled rows (``matched_of_received``; unmatched ones are not trained)."""
+        def step(record, check, items):
+            return {**asdict(record), "data": asdict(check), "received_items": items,
+                    "unmatched_items": items - check.matched_items,
+                    "matched_of_received": check.matched_items / items if items else 1.0}
+
+        return {"jobs": {s.arbor_id: {"steps": [step(*row) for row in zip(s.job.history, s.job.checks, s.items)],
+                                      "dropped_groups": s.dropped, "pending_groups": len(s.pending)}
+                         for s in self.jobs.values()}}
 
     # --- GRPO -------------------------------------------------------------------------------------------------------
     def grpo_initialize(self, body: dict) -> dict:
@@ -322,10 +331,12 @@ class ArborCPU:
             served.received += len(groups)
             while len(served.pending) >= served.groups_per_step:
                 batch, served.pending = served.pending[: served.groups_per_step], served.pending[served.groups_per_step:]
+                served.items.append(sum(len(g) for g in batch))
                 record = served.job.step([{"batch_id": i, "group": g} for i, g in enumerate(batch)], "grpo_chat")
-                log.info("%s step %d: %d group(s), matched %.0f%%, sampled %.0f%%, loss %.4f, %.1f s", served.arbor_id,
-                         record.step, record.groups, 100 * record.matched_share, 100 * record.sampled_share,
-                         record.loss, record.seconds)
+                check = served.job.checks[-1]
+                log.info("%s step %d: %d group(s), %d/%d completions found among the sampled rows, sampled %.0f%%, "
+                         "loss %.4f, %.1f s", served.arbor_id, record.step, record.groups, check.matched_items,
+                         served.items[-1], 100 * record.sampled_share, record.loss, record.seconds)
             return self.status(served)
 
     @staticmethod
