@@ -64,7 +64,7 @@ HOST = "127.0.0.1"
 MAX_BODY = 32 * 2**20  # bytes: a request past this is refused before it is read
 MAX_N = 32  # completions per chat request
 CHAT_FIELDS = {"model", "messages", "temperature", "top_p", "max_tokens", "n", "stop", "top_k", "repetition_penalty",
-               "seed", "stream"}  # what Arbor's client (litellm) sends; Arbor passes them to vLLM
+               "seed", "stream"}  # what Arbor's client (litellm) sends; seed is read and ignored (one generator per process)
 FIELD_MARKER = re.compile(r"\[\[ ## \w+ ## \]\]\n$")
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
