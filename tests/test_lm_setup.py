@@ -6,6 +6,7 @@ import pytest
 
 from helpers import profiles
 from helpers.program import lm_setup
+from helpers.util import arbor_files
 from helpers.util.errors import TutorialError
 from tests.fileserver import FileServer
 
@@ -60,15 +61,20 @@ def test_unreachable_arbor_fails_in_one_line(monkeypatch):
     _one_line(err)
 
 
-def test_arbor_not_installed_fails_in_one_line(monkeypatch):
+def test_arbor_missing_or_of_another_version_fails_in_one_line(monkeypatch):
     import dataclasses
 
     full = profiles.get_profile("full")
     with FileServer() as server:
         settings = dataclasses.replace(full.lm, api_base=server.url + "/v1/")
         monkeypatch.delenv(lm_setup.LM_ENV, raising=False)
-        with pytest.raises(TutorialError, match="Arbor is not installed"):
+        monkeypatch.setattr(arbor_files, "installed_version", lambda: None)
+        with pytest.raises(TutorialError, match="arbor-ai is not installed: `pip install --no-deps arbor-ai==0.2.17`"):
             lm_setup.make_lm(dataclasses.replace(full, lm=settings))
+        monkeypatch.setattr(arbor_files, "installed_version", lambda: "0.3.0")  # another layout, maybe another protocol
+        with pytest.raises(TutorialError, match="arbor-ai 0.3.0 is installed, but the tutorial reads Arbor 0.2.17") as err:
+            lm_setup.make_lm(dataclasses.replace(full, lm=settings))
+        _one_line(err)
 
 
 def test_bad_api_base_and_unknown_lm_kind(monkeypatch):

@@ -18,6 +18,7 @@ import dspy
 
 from helpers.engine import local_lm
 from helpers.profiles import ARBOR_URL_ENV, DEFAULT_ARBOR_URL, Profile
+from helpers.util import arbor_files
 from helpers.util.errors import TutorialError
 
 LM_ENV = "RLMH_LM"
@@ -56,14 +57,16 @@ def check_reachable(api_base: str, what: str, timeout: float = 3.0, setting: str
 
 
 def arbor_lm(profile: Profile) -> dspy.LM:
-    """Qwen through Arbor, as the seed builds it (needs NVIDIA GPUs and ``pip install arbor-ai``)."""
+    """The profile's model through an Arbor server, as the seed builds it.
+
+    The server is real Arbor on NVIDIA GPUs, or the CPU one (``python -m helpers.rl.arbor_cpu serve``, the embedded
+    model). The client is Arbor's own ``ArborProvider``, read from ``pip install --no-deps arbor-ai==0.2.17`` without
+    Arbor's package ``__init__`` (``helpers.util.arbor_files``), so this machine needs no vllm or trl.
+    """
     settings = profile.lm
     api_base = settings.api_base if settings.kind == "arbor" else (os.environ.get(ARBOR_URL_ENV, "").strip() or DEFAULT_ARBOR_URL)
     check_reachable(api_base, "the Arbor server", setting=ARBOR_URL_ENV)
-    try:
-        from arbor import ArborProvider
-    except ImportError:
-        raise TutorialError("Arbor is not installed: `pip install arbor-ai` on a machine with NVIDIA GPUs, or use RLMH_PROFILE=mini") from None
+    ArborProvider = arbor_files.provider_class()
     return dspy.LM(
         model=f"openai/arbor:{settings.model}",
         provider=ArborProvider(),

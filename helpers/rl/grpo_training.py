@@ -19,7 +19,7 @@ from helpers.engine import local_lm
 from helpers.profiles import Profile
 from helpers.program import metrics
 from helpers.rl.grpo_presets import GRPOPreset, train_kwargs_for
-from helpers.util import atomic
+from helpers.util import arbor_files, atomic
 from helpers.util.dspy_compat import loggers_quieted, rollout_bars_hidden, stragglers_not_resubmitted
 from helpers.util.errors import TutorialError
 from helpers.util.paths import display_path
@@ -32,11 +32,8 @@ def make_compiler(preset: GRPOPreset, metric, adapter, train_kwargs, lm=None, **
         raise TutorialError(f"preset {preset.name!r} runs ArborGRPO, which needs an Arbor server; the embedded LM "
                             "trains with dspy's GRPO: use the 'mini' preset (or RLMH_PROFILE=full on GPUs)")
     if preset.optimizer == "ArborGRPO":
-        try:
-            from arbor import ArborGRPO
-        except ImportError:
-            raise TutorialError("ArborGRPO needs `pip install arbor-ai` on a machine with NVIDIA GPUs") from None
-        return ArborGRPO(metric=metric, train_kwargs=train_kwargs, **kwargs)
+        ArborGRPO = arbor_files.grpo_class()  # Arbor's own optimizer, without Arbor's server stack
+        return ArborGRPO(metric=metric, train_kwargs=train_kwargs, adapter=adapter, **kwargs)
     from dspy.teleprompt.grpo import GRPO
 
     return GRPO(metric=metric, adapter=adapter, train_kwargs=train_kwargs, **kwargs)
