@@ -18,11 +18,18 @@ seed warm start -> GRPO, so what RL itself added is its own line.
 
 import argparse
 import dataclasses
+import pathlib
 import resource
+import subprocess
 import time
 
 from bench_args import at_most, positive, whole
 from helpers import bootstrap
+
+
+# the code this run measures: read at the start, before anything may check out another commit
+COMMIT = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                        cwd=pathlib.Path(__file__).parent).stdout.strip()
 
 
 def main():
@@ -182,13 +189,11 @@ def record_distribution(results, pooled, before, claims, steps, preset):
     """Write the pooled run to ``helpers/rl/grpo_distribution.json``: 06's verdict reads it beside its own run."""
     import datetime
     import json
-    import subprocess
 
     from helpers.rl import grpo_training
     from helpers.util import atomic
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    record = {"date": datetime.date.today().isoformat(), "commit": commit or "?", "claims": claims,
+    record = {"date": datetime.date.today().isoformat(), "commit": COMMIT or "?", "claims": claims,
               "settings": {"steps": steps, **{k: preset.compile_kwargs[k] for k in
                                               ("num_dspy_examples_per_grpo_step", "num_rollouts_per_grpo_step")},
                            "learning_rate": preset.train_kwargs["learning_rate"], "warm_start": True},
