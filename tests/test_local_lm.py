@@ -29,7 +29,7 @@ def lm(engine, mini_profile):
 
 @pytest.mark.model
 def test_converted_checkpoint_reloads_from_cache_with_same_weights(engine, mini_cache):
-    assert engine.load_info.source == "gguf"
+    assert engine.load_info.source in ("gguf", "cache")  # "cache" when another process (the Arbor server) converted it
     model, _, info = local_lm.load_model(mini_cache.cache_dir)
     assert info.source == "cache" and info.dtype == "float32"
     assert not getattr(model, "is_quantized", False)
