@@ -262,13 +262,13 @@ def verdict(before, after, job, warm=None, distribution: dict | None = None) -> 
     def change_line(what, a, b):
         change, low, high = evaluation.gain(a, b)
         return (f"{what}: dev recall {a.score:.1f}% -> {b.score:.1f}%, {change:+.1f} points (95% CI {low:+.1f} to "
-                f"{high:+.1f}, {len(b.per_claim)} claims); hidden-page recall {a.hidden_score:.1f}% -> {b.hidden_score:.1f}%."), low, high
+                f"{high:+.1f}, {len(b.per_claim)} claims); hidden-page recall {a.hidden_score:.1f}% -> {b.hidden_score:.1f}%."), change, low, high
 
     lines = []
     if warm is not None:
         lines.append(change_line("Warm start (behaviour cloning, not RL)", before, warm)[0])
     start = warm if warm is not None else before
-    line, low, high = change_line("GRPO on top of the warm start" if warm is not None else "GRPO", start, after)
+    line, change, low, high = change_line("GRPO on top of the warm start" if warm is not None else "GRPO", start, after)
     lines.append(line)
     if job.best_checkpoint in (None, "step-0000"):
         model = "the warm-started model" if warm is not None else "the original model"
@@ -291,7 +291,7 @@ def verdict(before, after, job, warm=None, distribution: dict | None = None) -> 
     if warm is not None:
         lines.append(change_line("Both stages", before, after)[0])
     if distribution is not None:
-        lines += distribution_lines(distribution, evaluation.gain(start, after)[0])
+        lines += distribution_lines(distribution, change)
     return "\n".join(lines)
 
 
