@@ -309,9 +309,9 @@ class BatchingEngine:
         if share is not None:
             import torch
 
-            before = share.threads
-            if share.update() != before or torch.get_num_threads() != share.threads:
-                torch.set_num_threads(share.threads)
+            wanted = share.update()
+            if torch.get_num_threads() != wanted:
+                torch.set_num_threads(wanted)
                 self.stats.thread_changes += 1
 
     def _own_kernels(self, on: bool):
