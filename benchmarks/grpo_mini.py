@@ -47,14 +47,17 @@ def main():
     parser.add_argument("--temperature", type=positive, default=None, help="rollout temperature (default: the preset's)")
     parser.add_argument("--claims-per-step", type=whole(1), default=None, help="claims per GRPO step (default: the preset's)")
     parser.add_argument("--lr", type=positive, default=None, help="GRPO learning rate (default: the preset's)")
+    parser.add_argument("--hidden-bonus", type=float, default=0.0,
+                        help="add this times hidden-page recall to the reward (grpo_training.hidden_page_bonus; default 0)")
     parser.add_argument("--record", action="store_true",
                         help="write the pooled result to helpers/rl/grpo_distribution.json (06's verdict reads it); "
                              "needs --warm-start, >= 4 seeds and >= 100 dev claims")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.steps = args.seeds[:1], 1
-    if args.record and (args.quick or not args.warm_start or len(set(args.seeds)) < 4 or args.dev < 100):
-        parser.error("argument --record: needs --warm-start, 4 or more different --seeds and --dev 100 or more (06's set-up)")
+    if args.record and (args.quick or args.hidden_bonus or not args.warm_start or len(set(args.seeds)) < 4 or args.dev < 100):
+        parser.error("argument --record: needs --warm-start, 4 or more different --seeds, --dev 100 or more and no "
+                     "--hidden-bonus (06's set-up)")
     profile = bootstrap.start("mini")
 
     import dspy
@@ -87,6 +90,9 @@ def main():
           f"{preset.compile_kwargs['num_rollouts_per_grpo_step']} rollouts a step, lr {preset.train_kwargs['learning_rate']:g}")
     steps = args.steps or (16 if args.long else preset.compile_kwargs["num_train_steps"])
     reward = grpo_training.training_reward(preset, search)
+    if args.hidden_bonus:
+        reward = grpo_training.hidden_page_bonus(reward, args.hidden_bonus)
+        print(f"reward: {reward.__name__}")
     engine = lm_setup.embedded_engine(profile)
 
     if not args.quick:

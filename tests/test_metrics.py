@@ -95,3 +95,19 @@ def test_every_mini_dev_claim_hides_a_gold_page(mini_cache):
     assert len(dev) == 300
     assert sum(n >= 1 for n in hidden) / len(dev) == 1.0  # every claim needs a hop the claim cannot search for
     assert (hidden.count(1), hidden.count(2)) == (251, 49)
+
+
+def test_hidden_page_bonus_pays_a_page_the_claim_does_not_name_more():
+    from helpers.rl.grpo_training import hidden_page_bonus
+    from helpers.util.errors import TutorialError
+
+    reward = hidden_page_bonus(metrics.recall, 1.0)
+    example = dspy.Example(claim="Ann Zell was born in the city.", titles=["Ann Zell", "Bo Vik"])  # Bo Vik is hidden
+    named = reward(example, dspy.Prediction(retrieved_docs=["Ann Zell | a"]))
+    hidden = reward(example, dspy.Prediction(retrieved_docs=["Bo Vik | b"]))
+    assert (named, hidden) == (pytest.approx(0.5), pytest.approx(1.5))
+    assert hidden_page_bonus(metrics.recall, 0.0)(example, dspy.Prediction(retrieved_docs=["Bo Vik | b"])) == 0.5
+    all_named = dspy.Example(claim="Ann Zell and Bo Vik met.", titles=["Ann Zell", "Bo Vik"])  # nothing hidden
+    assert reward(all_named, dspy.Prediction(retrieved_docs=["Bo Vik | b"])) == pytest.approx(0.5)
+    with pytest.raises(TutorialError, match="bonus=-1"):
+        hidden_page_bonus(metrics.recall, -1)

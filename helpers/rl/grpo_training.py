@@ -48,6 +48,24 @@ def training_reward(preset: GRPOPreset, search):
     return metrics.recall
 
 
+def hidden_page_bonus(metric, bonus: float):
+    """``metric`` plus ``bonus`` x hidden-page recall: a gold page the claim does not name pays more than one it names.
+
+    ``ranked_recall`` pays every gold page alike, and the pages a claim names are the easy ones to reach again; runs
+    that gained that way lost the multi-hop skill (benchmarks/RESULTS.md, Learning). Claims with no hidden page get
+    ``metric`` alone.
+    """
+    if not bonus >= 0:
+        raise TutorialError(f"hidden_page_bonus: bonus={bonus!r} must be a number >= 0 (0 gives the metric unchanged)")
+
+    def reward(example, pred, trace=None):
+        hidden = metrics.hidden_recall(example, pred)
+        return metric(example, pred, trace) + bonus * (hidden or 0.0)
+
+    reward.__name__ = f"{getattr(metric, '__name__', 'metric')}+{bonus:g}*hidden"
+    return reward
+
+
 def checkpoint_dir(profile: Profile) -> Path:
     return profile.cache_dir / "checkpoints"
 
