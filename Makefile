@@ -8,7 +8,7 @@ ARBOR := arbor-ai==0.2.17
 NBVAL := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: install tutorial test test-fast notebooks lab bench colab-check arbor-cpu clean
+.PHONY: install tutorial tutorial-arbor test test-fast notebooks lab bench colab-check arbor-cpu clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 ## Run the tutorial headless (mini profile unless RLMH_PROFILE says otherwise) into build/notebooks.
 tutorial: install
 	$(BIN)/python -m helpers.tools.run_notebooks --out build/notebooks
+
+## The tutorial with 06 trained through the seeds' Arbor client code: 01-05 as above, then 06 with RLMH_LM=arbor
+## against a CPU Arbor server started and stopped for it (no warm start; the last step is kept), into build/notebooks-arbor.
+tutorial-arbor: install
+	$(BIN)/python -m helpers.tools.run_notebooks --out build/notebooks-arbor --arbor-cpu 06
 
 ## Unit tests, then every notebook under nbval against its stored outputs.
 test: install

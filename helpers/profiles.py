@@ -4,6 +4,7 @@ Chosen by the ``RLMH_PROFILE`` environment variable; introduced in 01_setup. Not
 data source, size and model setting from here, never hard-code them.
 """
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ from helpers.util.paths import REPO_ROOT
 
 PROFILE_ENV = "RLMH_PROFILE"
 CACHE_ENV = "RLMH_CACHE_DIR"
+LM_ENV = "RLMH_LM"  # embedded, arbor or openai: which LM notebooks 04-06 talk to (helpers.program.lm_setup)
 ARBOR_URL_ENV = "RLMH_ARBOR_URL"  # the full profile's Arbor server, e.g. http://gpu-box:7453/v1/
 DEFAULT_ARBOR_URL = "http://localhost:7453/v1/"
 
@@ -173,9 +175,15 @@ PROFILES = {"mini": _mini, "full": _full}
 
 
 def get_profile(name: str | None = None) -> Profile:
-    """The active profile: ``name``, else ``$RLMH_PROFILE``, else ``mini``."""
+    """The active profile: ``name``, else ``$RLMH_PROFILE``, else ``mini``.
+
+    With ``RLMH_LM=arbor`` the model 06 trains lives in an Arbor server, and Arbor has no route for supervised
+    training, so the profile has no warm start (as the full profile)."""
     name = (name or os.environ.get(PROFILE_ENV) or "mini").strip().lower()
     if name not in PROFILES:
         valid = ", ".join(sorted(PROFILES))
         raise TutorialError(f"unknown profile {name!r} in {PROFILE_ENV}: choose one of {valid}")
-    return PROFILES[name]()
+    profile = PROFILES[name]()
+    if (os.environ.get(LM_ENV) or "").strip().lower() == "arbor" and profile.warm_start:
+        profile = dataclasses.replace(profile, warm_start=False)
+    return profile

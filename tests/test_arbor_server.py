@@ -20,6 +20,7 @@ import dspy
 import pytest
 import requests
 
+from helpers.backend import arbor_server
 from helpers.data import hover
 from helpers.program import lm_setup, metrics
 from helpers.program.guided_adapter import GuidedChatAdapter
@@ -32,8 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PROBE = [{"role": "system", "content": "Answer with one short phrase."},
          {"role": "user", "content": "Which city is the capital of the country where the Danube ends?"},
          {"role": "assistant", "content": "[[ ## answer ## ]]\n"}]
+ROUND = arbor_server.ROUND_GROUPS  # batch ids announced per trainer step
 ROLLOUTS = 2  # a group: two rollouts of one claim at temperature 1.0 (the seeds' ArborGRPO setting)
-TRAIN_KWARGS = {  # one trainer step = 2 x 2 samples = two groups of 2: one claim's two predictors, as dspy sends them
+TRAIN_KWARGS = {  # optimizer steps of 2 x 2 rows; one claim a GRPO step: two groups of 2 (its two predictors)
     "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "learning_rate": 1e-2,
     "lora_config": grpo_presets.MINI_LORA, "temperature": 1.0, "beta": 0.0, "loss_type": "dapo", "scale_rewards": True,
     "max_completion_length": 64}
@@ -153,8 +155,9 @@ def test_research_hop_and_dspy_grpo_through_arbor_provider(server, mini_profile,
     assert status_.last_checkpoint == "checkpoint_final" and Path(status_.checkpoints["checkpoint_final"]["path"]).is_dir()
     steps = _steps(server)[job_id]["steps"]
     assert [s["step"] for s in steps] == [1]
-    for step in steps:  # one claim, two predictors: two groups of two per trainer step, every item found
-        assert step["groups"] == step["fresh_groups"] == 2 and step["matched_of_received"] == 1.0 == step["sampled_share"]
+    for step in steps:  # one claim, two predictors: two fresh groups of two, every item found; the round's repeats are not
+        assert (step["groups"], step["fresh_groups"], step["data"]["stale_groups"]) == (ROUND, 2, ROUND - 2)
+        assert step["data"]["matched_items"] == step["data"]["items"] == 4 and step["sampled_share"] == 1.0
         assert math.isfinite(step["loss"]) and step["seconds"] > 0 and step["trained_groups"] > 0
 
     # the trained weights answer for the job's name; DSPy's cache keeps the base name's answer; an older name is refused
@@ -226,7 +229,8 @@ def test_arbor_grpo_takes_its_checkpoint_over_http(server, mini_profile, monkeyp
     saved = Path(status_.checkpoints["model_checkpoint_best"]["path"])
     assert any(saved.rglob("adapter_model.safetensors"))
     steps = _steps(server)[job_id]["steps"]
-    assert len(steps) == 2 and all(s["matched_of_received"] == 1.0 == s["sampled_share"] for s in steps)
+    assert len(steps) == 2 and all(s["fresh_groups"] == 2 and s["data"]["matched_items"] == s["data"]["items"] == 4
+                                   and s["sampled_share"] == 1.0 for s in steps)
     assert steps[0]["trained_groups"] > 0  # the first step had a gradient: that is what the validation score saw
     wrong, payload = _post(server, "fine_tuning/grpo/initialize", {"model": "Qwen/Qwen2.5-7B-Instruct",
                                                                    "trainer_config": {"num_generations": 2},
@@ -272,14 +276,14 @@ def test_bad_bodies_are_answered_4xx_in_one_line(server):
         "model": "SmolLM2-135M-Instruct", "trainer_config": {"num_generations": 2, "learning_rate": 1e-3},
         "inference_config": {"model": "SmolLM2-135M-Instruct"}})
     job = schemas.GRPOStatus.model_validate(payload)
-    assert status == 200 and job.pending_batch_ids == [0, 1, 2, 3]  # 8 x 1 samples per trainer step (Arbor's defaults)
+    assert status == 200 and job.pending_batch_ids == list(range(ROUND))  # a round: one trainer step
     assert _post(server, "fine_tuning/grpo/terminate", {"job_id": job.job_id})[0] == 200
     status, payload = _post(server, "fine_tuning/grpo/initialize", {  # a trainer step of one group of two
         "model": "SmolLM2-135M-Instruct", "trainer_config": {"num_generations": 2, "per_device_train_batch_size": 2,
                                                              "gradient_accumulation_steps": 1},
         "inference_config": {"model": "SmolLM2-135M-Instruct"}})
     job = schemas.GRPOStatus.model_validate(payload)
-    assert status == 200 and job.pending_batch_ids == [0]
+    assert status == 200 and job.pending_batch_ids == list(range(ROUND))
     item = {"messages": PROBE[:2], "completion": {"role": "assistant", "content": "Vienna"}, "reward": 1.0}
     step = {"job_id": job.job_id, "model": job.current_model, "batch_id": 7}
     cases = [
@@ -296,11 +300,16 @@ def test_bad_bodies_are_answered_4xx_in_one_line(server):
     # completions the engine never sampled: the step runs, trains nothing, and says how many it could not match
     status, payload = _post(server, "fine_tuning/grpo/step", {**step, "batch": [item, {**item, "reward": 0.0}]})
     stepped = schemas.GRPOStatus.model_validate(payload)
-    assert status == 200 and stepped.pending_batch_ids == [1]  # the server's batch ids, not the client's 7
+    assert status == 200 and stepped.pending_batch_ids == list(range(1, ROUND))  # the server's batch ids, not the client's 7
+    assert _steps(server)[job.job_id]["steps"] == []  # the round is not complete yet
+    group = [item, {**item, "reward": 0.0}]
+    status, payload = _post(server, "fine_tuning/grpo/step", {**step, "batch": [group] * (ROUND - 1)})
+    stepped = schemas.GRPOStatus.model_validate(payload)
+    assert status == 200 and stepped.pending_batch_ids == list(range(ROUND, 2 * ROUND))  # the next round
     assert stepped.current_model == job.current_model  # the weights did not change
     [record] = _steps(server)[job.job_id]["steps"]
-    assert (record["received_items"], record["unmatched_items"], record["matched_of_received"]) == (2, 2, 0.0)
-    assert record["data"]["stale_groups"] == 1 and record["loss"] == 0.0
+    assert (record["received_items"], record["unmatched_items"], record["matched_of_received"]) == (2 * ROUND, 2 * ROUND, 0.0)
+    assert record["data"]["stale_groups"] == ROUND and record["loss"] == 0.0
     status, payload = _post(server, "fine_tuning/grpo/terminate", {"job_id": job.job_id})
     assert status == 200 and schemas.GRPOStatus.model_validate(payload).last_checkpoint == "checkpoint_final"
     earlier = [name for name in _steps(server) if name != job.job_id]  # the GRPO tests' jobs: their LoRA left the model

@@ -574,3 +574,33 @@ def _damaged_adapters_are_refused(profile, saved, fresh, lm, engine):
     finally:
         weights.write_bytes(original)
 
+
+
+def test_a_program_trained_through_arbor_saves_and_loads_with_the_servers_lm(mini_profile, tmp_path):
+    """Through Arbor the weights stay on the server: the saved record names the model that serves them, loading needs
+    an LM naming that job (one line otherwise), and an adapter folder from the embedded backend needs the embedded LM."""
+    import types
+
+    from helpers.rl.arbor_job import ArborJob
+
+    served = "grpo:smollm2-135m-instruct:run1:20261205@w0123456789ab"
+    job = ArborJob(job_id=served.split("@w")[0], current_model=served, last_checkpoint="checkpoint_final",
+                   checkpoints={"checkpoint_final": {"path": "/on/the/gpu/box/checkpoint_final"}})
+    program = ResearchHop(4, 2, search=lambda query, k: [])
+    folder = grpo_training.save_trained(mini_profile, program, job, name="via_arbor")
+    assert sorted(p.name for p in folder.iterdir()) == ["program.json", "trained.json"]  # the adapter is on the server
+    lm = dspy.LM(f"openai/arbor:{served}", api_base="http://127.0.0.1:9/v1/", api_key="arbor")
+    loaded = grpo_training.load_trained(mini_profile, ResearchHop(4, 2, search=lambda query, k: []), lm=lm,
+                                        name="via_arbor")
+    assert all(p.lm is lm for p in loaded.predictors())
+    other = lm.copy(model="openai/arbor:grpo:smollm2-135m-instruct:run2:20261205")
+    with pytest.raises(TutorialError, match="trained as grpo:smollm2-135m-instruct:run1:20261205 on an Arbor server"):
+        grpo_training.load_trained(mini_profile, ResearchHop(4, 2, search=lambda query, k: []), lm=other, name="via_arbor")
+
+    adapter_dir = tmp_path / "ckpt"  # a save from the embedded backend: its weights are an adapter, not a served model
+    adapter_dir.mkdir()
+    embedded = types.SimpleNamespace(best_checkpoint="step-0001", last_checkpoint="step-0001", job_id="grpo-test",
+                               checkpoints={"step-0001": {"path": adapter_dir}})
+    grpo_training.save_trained(mini_profile, program, embedded, name="embedded")
+    with pytest.raises(TutorialError, match="holds an adapter for the embedded model"):
+        grpo_training.load_trained(mini_profile, ResearchHop(4, 2, search=lambda query, k: []), lm=lm, name="embedded")

@@ -76,3 +76,11 @@ def test_the_verdict_reads_one_run_beside_the_benchmarks_seeds(tmp_path, capsys)
     assert grpo_training.recorded_distribution(tmp_path / "missing.json") is None
     path.write_text(json.dumps({**record, "pooled": {}}))
     assert grpo_training.recorded_distribution(path) is None and "is damaged (KeyError)" in capsys.readouterr().out
+
+
+def test_a_run_without_a_checkpoint_choice_keeps_its_last_step():
+    """Through Arbor (or with no held-back scoring) nothing chose a checkpoint: the verdict must not say step 0 won."""
+    text = grpo_training.verdict(BEFORE, WARM, job(None, []))
+    assert "beat step 0" not in text and "did not help" not in text
+    assert "No checkpoint was chosen on held-back claims: the program has the last step's weights." in text
+    assert "GRPO improved the program" in text

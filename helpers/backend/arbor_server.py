@@ -18,9 +18,16 @@ Behaviour the client depends on follows Arbor: ``current_model`` names the job (
 what the client writes into ``lm.model``; the client's ``batch_id`` is ignored and ``pending_batch_ids`` come from
 the server; a group whose size is not ``num_generations`` is refused; ``terminate`` saves ``checkpoint_final`` and the
 job's model keeps answering; ``chat/launch`` / ``chat/kill`` validate their bodies as Arbor's server does (the
-client's own bodies fail there too). A trainer step takes ``per_device_train_batch_size * gradient_accumulation_steps``
-samples, i.e. that many groups of ``num_generations``, as Arbor's trainer does; here it runs synchronously when the
-last of them arrives, so the next rollout already samples from the new weights.
+client's own bodies fail there too).
+
+Rounds: dspy's ``GRPO`` (and ``ArborGRPO``) sends, after each step's rollouts, one group for each of the status'
+``pending_batch_ids``, from a queue it refills with shuffled copies of that step's groups; what it does not send stays
+queued for the next step. Arbor announces batches its trainer wants next; announcing fewer than a step yields would
+leave this step's groups in the queue, and the next step would send them, stale. So the server announces a round of
+``ROUND_GROUPS`` ids (more than twice the groups any seed's step yields), and runs one trainer step when the round's
+last group arrives: the step's own groups are all in it, the repeats match no sampled row and are not trained, and the
+next rollouts sample from the new weights. Within a trainer step, an optimizer step takes
+``per_device_train_batch_size * gradient_accumulation_steps`` rows, as in Arbor's trainer.
 
 On-policy over HTTP: the server receives text, but trains what its engine sampled. The job's ``OnPolicyData`` records
 every sampled row (exact prompt ids, sampled ids, rollout-time log-probs) and matches each item of a group to those
@@ -37,7 +44,6 @@ every bad request (422 for a body its schema refuses).
 
 import json
 import logging
-import math
 import re
 import threading
 import time
@@ -63,6 +69,7 @@ LIMITS = ("CPU only: no GPUs, no vLLM and no weight sync between processes; one 
 HOST = "127.0.0.1"
 MAX_BODY = 32 * 2**20  # bytes: a request past this is refused before it is read
 MAX_N = 32  # completions per chat request
+ROUND_GROUPS = 32  # batch ids announced per trainer step: > 2 x the 12 groups of seed 000's step (6 claims x 2 predictors)
 CHAT_FIELDS = {"model", "messages", "temperature", "top_p", "max_tokens", "n", "stop", "top_k", "repetition_penalty",
                "seed", "stream"}  # what Arbor's client (litellm) sends; seed is read and ignored (one generator per process)
 FIELD_MARKER = re.compile(r"\[\[ ## \w+ ## \]\]\n$")
@@ -96,7 +103,7 @@ class ServedJob:
     arbor_id: str
     job: LocalReinforceJob
     num_generations: int
-    groups_per_step: int  # per_device_train_batch_size * gradient_accumulation_steps samples, in groups
+    round_end: int = ROUND_GROUPS  # the trainer step runs when this many groups have arrived in all
     pending: list = field(default_factory=list)  # groups received since the last trainer step
     received: int = 0  # groups received in all (the next batch id)
     dropped: int = 0  # groups still pending at terminate (never trained)
@@ -288,7 +295,7 @@ class ArborCPU:
                       if k not in ("lora_config", "gradient_checkpointing", "gradient_checkpointing_kwargs")}
             suffix = uuid.uuid4().hex[:8]
             kwargs.update(job_id=f"grpo-{suffix}", checkpoint_dir=str(self.storage), checkpoint_every_step=False,
-                          groups_per_step=max(1, math.ceil(samples / config.num_generations)),
+                          groups_per_step=ROUND_GROUPS,
                           lora_config=config.lora_config.model_dump() if config.lora_config else None)
             arbor_id = f"grpo:{self.engine.name.lower()}:{request.run_name or suffix}:{datetime.now():%Y%m%d}"
             if self.live is not None:  # a terminated job: its LoRA leaves the model
@@ -296,12 +303,12 @@ class ArborCPU:
                 self.live.replaced_by = arbor_id
                 self.live = None
             job = LocalReinforceJob(types.SimpleNamespace(model=arbor_id), kwargs)
-            served = ServedJob(arbor_id, job, config.num_generations, kwargs["groups_per_step"])
+            served = ServedJob(arbor_id, job, config.num_generations)
             job.initialize()
             self.jobs[arbor_id], self.live = served, served
             self._record(served, job.last_checkpoint, {"step": 0})
-            log.info("GRPO job %s: a trainer step every %d group(s) of %d", arbor_id, served.groups_per_step,
-                     served.num_generations)
+            log.info("GRPO job %s: a trainer step every %d group(s) of %d, optimizer steps of %d rows", arbor_id,
+                     ROUND_GROUPS, served.num_generations, samples)
             return self.status(served)
 
     def _job(self, job_id: str, running: bool = True) -> ServedJob:
@@ -314,8 +321,7 @@ class ArborCPU:
         return served
 
     def status(self, served: ServedJob) -> dict:
-        missing = -served.received % served.groups_per_step or served.groups_per_step
-        pending = [] if served.terminated else list(range(served.received, served.received + missing))
+        pending = [] if served.terminated else list(range(served.received, served.round_end))
         return self._dump("GRPOStatus", job_id=served.arbor_id, status="succeeded" if served.terminated else "running",
                           current_model=self.current_model(served), checkpoints=served.records,
                           last_checkpoint=served.job.last_checkpoint, pending_batch_ids=pending)
@@ -332,8 +338,9 @@ class ArborCPU:
                 self._check_group(group, served.num_generations)
             served.pending.extend(groups)
             served.received += len(groups)
-            while len(served.pending) >= served.groups_per_step:
-                batch, served.pending = served.pending[: served.groups_per_step], served.pending[served.groups_per_step:]
+            if served.received >= served.round_end:  # the round is complete: one trainer step on all of it
+                batch, served.pending = served.pending, []
+                served.round_end = served.received + ROUND_GROUPS
                 served.items.append(sum(len(g) for g in batch))
                 record = served.job.step([{"batch_id": i, "group": g} for i, g in enumerate(batch)], "grpo_chat")
                 check = served.job.checks[-1]

@@ -17,11 +17,10 @@ import urllib.request
 import dspy
 
 from helpers.engine import local_lm
-from helpers.profiles import ARBOR_URL_ENV, DEFAULT_ARBOR_URL, Profile
+from helpers.profiles import ARBOR_URL_ENV, DEFAULT_ARBOR_URL, LM_ENV, Profile
 from helpers.util import arbor_files
 from helpers.util.errors import TutorialError
 
-LM_ENV = "RLMH_LM"
 
 
 def embedded_engine(profile: Profile) -> local_lm.BatchingEngine:

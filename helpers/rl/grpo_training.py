@@ -111,9 +111,30 @@ def one_line_per_step():
 
 
 def job_of(lm):
-    """The backend job that trained ``lm`` last (its per-step log is the training curve), or None."""
-    jobs = getattr(lm.provider, "jobs", [])
-    return jobs[-1] if jobs else None
+    """The job that trained ``lm`` last (its per-step log is the training curve), or None.
+
+    In this kernel: the CPU backend's own job. Through an Arbor server (``RLMH_LM=arbor``): what the server reports of
+    the job ``lm.model`` names (``arbor_job.read``).
+    """
+    jobs = getattr(lm.provider, "jobs", None)
+    if jobs is not None:
+        return jobs[-1] if jobs else None
+    if type(lm.provider).__name__ == "ArborProvider":
+        from helpers.rl import arbor_job
+
+        return arbor_job.read(lm)
+    return None
+
+
+def trained_lm(train_lm, fresh_lm):
+    """The LM that answers with the trained weights, greedy and uncached (06 scores and saves with it).
+
+    In this kernel that is ``fresh_lm`` itself: GRPO's adapter is on the engine it shares. Through Arbor, the weights
+    are on the server, under the job's name, which the client wrote into ``train_lm.model``.
+    """
+    if isinstance(fresh_lm, local_lm.EmbeddedLM):
+        return fresh_lm
+    return fresh_lm.copy(model=train_lm.model)
 
 
 def train(program, trainset, lm, adapter, metric, preset: GRPOPreset, profile: Profile, on_step=None,
@@ -216,16 +237,27 @@ def evaluate_trained(trained, job, start, examples, threads: int):
 
 def curve(job, initial_score=None) -> pd.DataFrame:
     """The job's per-step log as a table, from step 0 (the untrained adapter's score) to the last step."""
+    if not job.history:  # Arbor's own server does not report its steps
+        return pd.DataFrame([{"held_back_recall": initial_score}], index=pd.Index([0], name="step"))
     table = pd.DataFrame([vars(s) for s in job.history]).set_index("step")
     start = pd.DataFrame([{"held_back_recall": initial_score}], index=pd.Index([0], name="step"))
     return pd.concat([start, table]) if initial_score is not None else table
 
 
 def data_check(job) -> pd.DataFrame:
-    """Per step, what the on-policy data path found (``grpo_data.DataCheck``): 06 shows it must read 100 %."""
+    """Per step, what the on-policy data path found (``grpo_data.DataCheck``): 06 shows it must read 100 %.
+
+    Through the CPU Arbor server two more columns say how many completions arrived over HTTP in the step's round and
+    how many of them were not trained: the round's repeats, and any completion the server never sampled."""
     rows = [{"groups": c.groups, "fresh groups": c.fresh_groups, "stale groups": c.stale_groups,
              "items matched %": round(100 * c.matched_share, 1), "trained tokens": c.trained_tokens,
              "of them sampled %": round(100 * c.sampled_share, 1)} for c in job.checks]
+    for row, received, check in zip(rows, getattr(job, "received_items", []), job.checks):
+        row["completions received"] = received
+        row["not trained"] = received - check.matched_items
+    if getattr(job, "steps_reported", True) is False:
+        print(f"Arbor's server does not report what it trained (only the CPU Arbor server has /v1/cpu/steps): "
+              f"job {job.job_id}, checkpoints {sorted(job.checkpoints)}")
     return pd.DataFrame(rows, index=pd.Index(range(1, len(rows) + 1), name="step"))
 
 
@@ -288,7 +320,7 @@ def verdict(before, after, job, warm=None, distribution: dict | None = None) -> 
     start = warm if warm is not None else before
     line, change, low, high = change_line("GRPO on top of the warm start" if warm is not None else "GRPO", start, after)
     lines.append(line)
-    if job.best_checkpoint in (None, "step-0000"):
+    if job.best_checkpoint == "step-0000":
         model = "the warm-started model" if warm is not None else "the original model"
         lines.append(f"No GRPO checkpoint beat step 0 on the held-back claims, so the program evaluated after GRPO is "
                      f"{model}: this run's updates did not help.")
@@ -298,6 +330,8 @@ def verdict(before, after, job, warm=None, distribution: dict | None = None) -> 
         lines.append("The interval is below zero: GRPO made the program worse in this run.")
     else:
         lines.append("The interval includes zero: this run cannot tell GRPO's change from noise.")
+    if job.best_checkpoint is None:
+        lines.append("No checkpoint was chosen on held-back claims: the program has the last step's weights.")
     found = [s.hidden_found for s in job.history if s.hidden_found is not None]
     if found and max(found) == 0:
         lines.append("No rollout ever found a gold page the claim does not name, so the multi-hop skill itself was "
@@ -318,18 +352,25 @@ def save_trained(profile: Profile, program, job, name: str = "researchhop_grpo",
 
     ``warm_start``: the folder ``warm_start.run(save_to=...)`` wrote, when GRPO started from a warm start; it is
     copied beside the adapter, because the GRPO adapter only means something on top of those weights.
+    A job trained through an Arbor server (``arbor_job.ArborJob``) keeps its weights there: the record names the
+    model that serves them, and the adapter is copied too when the server's checkpoint folder is on this machine.
     """
     target = profile.cache_dir / "trained" / name
     best = job.best_checkpoint or job.last_checkpoint
     if best is None:
         raise TutorialError("the GRPO job saved no checkpoint: nothing to save")
+    served = getattr(job, "current_model", None)  # set for a job on an Arbor server
+    source = Path(job.checkpoints[best]["path"] or "")
+    if served is None and not source.is_dir():
+        raise TutorialError(f"checkpoint {best} has no folder at {source}: run GRPO again to save it")
     with atomic.turn(_lock_file(target), f"save or load of {name}"), atomic.atomic_dir(target) as tmp:
         program.save(str(tmp / "program.json"))
-        shutil.copytree(job.checkpoints[best]["path"], tmp / "adapter")
+        if source.is_dir():
+            shutil.copytree(source, tmp / "adapter")
         if warm_start is not None:
             shutil.copytree(warm_start, tmp / "warm_start")
-        (tmp / "trained.json").write_text(json.dumps({"checkpoint": best, "job": job.job_id,
-                                                      "warm_start": warm_start is not None}))
+        record = {"checkpoint": best, "job": job.job_id, "warm_start": warm_start is not None}
+        (tmp / "trained.json").write_text(json.dumps({**record, "served_as": served} if served else record))
     return target
 
 
@@ -366,6 +407,9 @@ def load_trained(profile: Profile, fresh_program, lm, name: str = "researchhop_g
     """Load the saved adapter into the live engine (as ``adapter_name``) and the saved program into ``fresh_program``,
     whose predictors then use ``lm`` (the file's own LM settings are never applied: ``saved_program_state``).
 
+    A program trained through an Arbor server loads with an ``lm`` served by that server under the job's name (the
+    weights stay there; no adapter is loaded here).
+
     Everything is checked before any weight changes: the program file, the folder's record of how it was trained, the
     live engine. If the run started from a warm start, its adapter is merged into the engine's weights first (once:
     an engine that already carries it, as in the notebook that trained it, is left as it is).
@@ -395,9 +439,23 @@ def _load_trained(folder: Path, fresh_program, lm, adapter_name: str):
                             "06_grpo_training again to save the trained program") from None
     if warm is not True and warm is not False:
         raise TutorialError(f"{folder / 'trained.json'}: warm_start is {warm!r}, not true or false: run 06 again to save it")
+    served = record.get("served_as")
+    if not isinstance(lm, local_lm.EmbeddedLM):
+        if not isinstance(served, str):
+            raise TutorialError(f"{folder} holds an adapter for the embedded model, and {lm.model!r} is served elsewhere: "
+                                "load it with the embedded LM (lm_setup.make_lm(profile))")
+        if served.split("@w")[0] not in str(lm.model):
+            raise TutorialError(f"{folder} was trained as {served.split('@w')[0]} on an Arbor server, and {lm.model!r} "
+                                "does not name that job: give load_trained an LM that does (its server must still run)")
+        fresh_program.load_state(state)
+        fresh_program.set_lm(lm)
+        return fresh_program
     if warm and not (folder / "warm_start").is_dir():
         raise TutorialError(f"{folder} was trained on top of a warm start, but its warm_start/ folder is missing: "
                             "run 06_grpo_training again to save it whole")
+    if not (folder / "adapter").is_dir() and isinstance(served, str):
+        raise TutorialError(f"{folder} was trained as {served.split('@w')[0]} on an Arbor server, whose disk keeps its "
+                            "weights: load it with an LM that names that job (lm_setup.make_lm with RLMH_LM=arbor)")
     if not (folder / "adapter").is_dir():
         raise TutorialError(f"{folder} has no adapter/ folder: run 06_grpo_training again to save it whole")
     engine = local_lm.live_engine(local_lm.MODEL_NAME)
