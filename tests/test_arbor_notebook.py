@@ -50,7 +50,7 @@ def test_06_trains_through_the_cpu_arbor_server(mini_profile, tmp_path, capsys):
                                "--arbor-cpu", "06"])
     printed = capsys.readouterr()
     assert code == 0, printed.err[-3000:] + (tmp_path / "out" / "arbor-cpu.log").read_text()[-3000:]
-    assert "(RLMH_LM=arbor" in printed.out and "CPU Arbor server" in printed.out
+    assert "(RLMH_LM=arbor" in printed.out and "CPU Arbor server" in printed.out and "no GPUs, no vLLM" in printed.out
     nb = nbformat.read(tmp_path / "out" / "06_grpo_training.ipynb", as_version=4)
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     result = json.loads(text.split("RESULT ", 1)[1].splitlines()[0])

@@ -27,6 +27,7 @@ from helpers.program.guided_adapter import GuidedChatAdapter
 from helpers.program.research_hop import ResearchHop
 from helpers.rl import grpo_presets, grpo_training
 from helpers.search import retrieval
+from helpers.tools import run_notebooks
 from helpers.util import arbor_files
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,25 +44,14 @@ TRAIN_KWARGS = {  # optimizer steps of 2 x 2 rows; one claim a GRPO step: two gr
 
 @pytest.fixture(scope="module")
 def server(mini_cache, tmp_path_factory):
-    """The CPU Arbor server in its own process; stopped (by its pid) after the module."""
+    """The CPU Arbor server in its own process (``run_notebooks.arbor_cpu_server``, as ``make tutorial-arbor`` starts
+    it) on a free port; stopped after the module."""
     storage = tmp_path_factory.mktemp("arbor-cpu")
-    env = {**os.environ, "RLMH_CACHE_DIR": str(mini_cache.cache_dir.parent), "RLMH_PROFILE": "mini",
-           "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen([sys.executable, "-m", "helpers.rl.arbor_cpu", "serve", "--port", "0", "--storage",
-                                str(storage)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        banner = process.stdout.readline()  # printed once the model is loaded and the port is bound
-        found = re.search(r"on (http://127\.0\.0\.1:\d+/v1/) -- CPU only", banner)
-        assert found, f"no banner: {banner!r} {process.stderr.read() if process.poll() is not None else ''}"
-        assert "no GPUs, no vLLM" in banner
-        yield found.group(1)
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RLMH_CACHE_DIR", str(mini_cache.cache_dir.parent))
+        mp.setenv("RLMH_PROFILE", "mini")
+        with run_notebooks.arbor_cpu_server(storage / "server.log", "--storage", str(storage)) as url:
+            yield url
 
 
 def _post(url, route, body):

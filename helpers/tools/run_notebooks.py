@@ -47,13 +47,12 @@ def run(path: Path, out: Path, timeout: int) -> float:
 
 
 @contextlib.contextmanager
-def arbor_cpu_server(log_path: Path):
-    """A CPU Arbor server (``python -m helpers.rl.arbor_cpu serve --port 0``) for the active profile; yields its URL.
-
-    Its log goes to ``log_path``; it is stopped when the block ends, whatever happened inside."""
+def arbor_cpu_server(log_path: Path, *options: str):
+    """A CPU Arbor server (``python -m helpers.rl.arbor_cpu serve --port 0 [options]``) for the active profile;
+    yields its URL once the model is loaded. Its log goes to ``log_path``; it is stopped when the block ends."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
-        server = subprocess.Popen([sys.executable, "-m", "helpers.rl.arbor_cpu", "serve", "--port", "0"],
+        server = subprocess.Popen([sys.executable, "-m", "helpers.rl.arbor_cpu", "serve", "--port", "0", *options],
                                   stdout=subprocess.PIPE, stderr=log, text=True)
         try:
             banner = server.stdout.readline()  # printed once the model is loaded and the port is bound
@@ -61,7 +60,7 @@ def arbor_cpu_server(log_path: Path):
             if not found:
                 server.wait(30)
                 raise RuntimeError(f"the CPU Arbor server did not start (exit {server.returncode}): see {log_path}")
-            print(banner.strip(), flush=True)
+            print(banner.strip(), flush=True)  # it names the server's limits (no GPUs, no vLLM)
             yield found.group(1)
         finally:
             server.terminate()
