@@ -15,8 +15,7 @@ from helpers.data import sources
 from helpers.tools import run_notebooks
 
 TINY = "import dataclasses\nprofile = dataclasses.replace(profile, dev_eval_size=4, selection_size=2)  # a tiny run"
-GRPO_SIZES = {"num_dspy_examples_per_grpo_step=3,": "num_dspy_examples_per_grpo_step=2,",
-              "num_rollouts_per_grpo_step=6,": "num_rollouts_per_grpo_step=4,",
+GRPO_SIZES = {"num_rollouts_per_grpo_step=6,": "num_rollouts_per_grpo_step=4,",
               "num_train_steps=6,": "num_train_steps=2,"}
 REPORT = """import json
 from helpers.engine import local_lm
@@ -58,10 +57,11 @@ def test_06_trains_through_the_cpu_arbor_server(mini_profile, tmp_path, capsys):
     assert not result["engine_in_kernel"]  # every LM call went to the server
     assert result["model"].startswith("openai/arbor:grpo:smollm2-135m-instruct:") and "@w" in result["model"]
     assert result["after_lm"] == result["model"] and result["same"] is True and result["claims"] == 4
-    # one trainer step per GRPO step, each with all of that step's groups (2 claims x 2 predictors) fresh: dspy's
-    # queue must not hold a group back for a later step, where it would be stale
+    # one trainer step per GRPO step, each with all of that step's groups (3 claims x 2 predictors) fresh: dspy's
+    # queue keeps leftovers of 6 groups (64 is no multiple of 6), and none of this step's may wait for the next
     assert len(result["steps"]) == 2
     for step in result["steps"]:  # every fresh completion was found among the server's sampled rows
-        assert step["fresh"] == 4 and step["matched"] == step["items"] == 16 and step["sampled"] == step["trained"]
+        assert step["fresh"] == 6 and step["matched"] == step["items"] == 24 and step["sampled"] == step["trained"]
+        assert step["received"] == 64 * 4
     assert "No checkpoint was chosen on held-back claims: the program has the last step's weights." in text
     assert "held back 2 · dev 4 claims" in text

@@ -1,5 +1,6 @@
 """GRPO on CPU with the real embedded model: the on-policy data path, the backend, dspy's GRPO driving it, and faults."""
 
+import json
 import logging
 import math
 
@@ -596,6 +597,18 @@ def test_a_program_trained_through_arbor_saves_and_loads_with_the_servers_lm(min
     other = lm.copy(model="openai/arbor:grpo:smollm2-135m-instruct:run2:20261205")
     with pytest.raises(TutorialError, match="trained as grpo:smollm2-135m-instruct:run1:20261205 on an Arbor server"):
         grpo_training.load_trained(mini_profile, ResearchHop(4, 2, search=lambda query, k: []), lm=other, name="via_arbor")
+
+    nowhere = ArborJob(job_id=job.job_id, current_model=served, last_checkpoint="checkpoint_final",
+                       checkpoints={"checkpoint_final": {"path": None}})  # the server did not say where
+    folder = grpo_training.save_trained(mini_profile, program, nowhere, name="via_arbor")
+    assert sorted(p.name for p in folder.iterdir()) == ["program.json", "trained.json"]  # not the working folder
+    record = json.loads((folder / "trained.json").read_text())
+    for bad, said in (({**record, "served_as": ""}, "holds an adapter for the embedded model"),
+                      ({**record, "warm_start": True}, "trained on a warm start")):
+        (folder / "trained.json").write_text(json.dumps(bad))
+        with pytest.raises(TutorialError, match=said) as err:
+            grpo_training.load_trained(mini_profile, ResearchHop(4, 2, search=lambda query, k: []), lm=lm, name="via_arbor")
+        assert "\n" not in str(err.value)
 
     adapter_dir = tmp_path / "ckpt"  # a save from the embedded backend: its weights are an adapter, not a served model
     adapter_dir.mkdir()

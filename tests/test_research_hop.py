@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import io
+import json
 import re
 
 import dspy
@@ -182,6 +183,20 @@ def test_a_saved_report_from_another_adapter_or_lm_is_not_reused(mini_profile, m
     with dspy.context(adapter=dspy.JSONAdapter(), lm=dspy.LM("openai/two")):
         evaluation.load_or_run(mini_profile, "unit_other", None, claims, 1, "x")
     assert ran == [1, 1, 1]
+
+
+def test_another_lms_report_goes_beside_the_saved_one(mini_profile, monkeypatch):
+    """06 through the Arbor server scores 05's baseline with another LM name: 05's report must stay for the next
+    in-kernel run, and each LM's report is reused on its own next run."""
+    claims = [dspy.Example(claim=f"claim {i}", titles=["A"]).with_inputs("claim") for i in range(3)]
+    ran = []
+    monkeypatch.setattr(evaluation, "run_eval", lambda program, examples, **kw: ran.append(1) or _report([e.claim for e in examples]))
+    for lm in ("local/model", "openai/arbor:model", "local/model", "openai/arbor:model"):
+        with dspy.context(adapter=dspy.ChatAdapter(), lm=dspy.LM(lm)):
+            evaluation.load_or_run(mini_profile, "unit_beside", None, claims, 1, "x")
+    assert ran == [1, 1]
+    saved = json.loads(evaluation.results_path(mini_profile, "unit_beside").read_text())
+    assert saved["evaluated_with"]["lm"] == "local/model"
 
 
 def test_an_evaluation_with_no_threads_is_one_line():

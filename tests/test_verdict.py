@@ -84,3 +84,16 @@ def test_a_run_without_a_checkpoint_choice_keeps_its_last_step():
     assert "beat step 0" not in text and "did not help" not in text
     assert "No checkpoint was chosen on held-back claims: the program has the last step's weights." in text
     assert "GRPO improved the program" in text
+
+
+def test_a_job_on_arbors_own_server_has_no_steps_but_06s_tables_still_show(capsys):
+    """Arbor's own server has no /v1/cpu/steps: 06's curve cell selects its columns, and the data check says why empty."""
+    from helpers.rl.arbor_job import ArborJob
+
+    job = ArborJob(job_id="grpo:qwen:run:20261205", current_model="grpo:qwen:run:20261205", last_checkpoint="checkpoint_final",
+                   checkpoints={"checkpoint_final": {"path": None}})
+    steps = grpo_training.curve(job, initial_score=40.0)
+    columns = ["mean_reward", "trained_groups", "fresh_groups", "hidden_found", "held_back_recall", "rollout_seconds", "seconds"]
+    assert list(steps[columns].index) == [0] and steps.loc[0, "held_back_recall"] == 40.0
+    assert grpo_training.data_check(job).empty
+    assert "does not report what it trained" in capsys.readouterr().out

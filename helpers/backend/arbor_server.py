@@ -24,9 +24,10 @@ Rounds: dspy's ``GRPO`` (and ``ArborGRPO``) sends, after each step's rollouts, o
 ``pending_batch_ids``, from a queue it refills with shuffled copies of that step's groups; what it does not send stays
 queued for the next step. Arbor announces batches its trainer wants next; announcing fewer than a step yields would
 leave this step's groups in the queue, and the next step would send them, stale. So the server announces a round of
-``ROUND_GROUPS`` ids (more than twice the groups any seed's step yields), and runs one trainer step when the round's
-last group arrives: the step's own groups are all in it, the repeats match no sampled row and are not trained, and the
-next rollouts sample from the new weights. Within a trainer step, an optimizer step takes
+``ROUND_GROUPS`` ids and runs one trainer step when the round's last group arrives. A step of T groups leaves fewer
+than T in dspy's queue, so with T <= ROUND_GROUPS / 2 (32: 16 claims of two predictors) every group of the step is in
+its round; the leftovers and repeats match no sampled row and are not trained, and the next rollouts sample from the
+new weights. A round with no repeat at all may have been too small: the server logs a warning. Within a trainer step, an optimizer step takes
 ``per_device_train_batch_size * gradient_accumulation_steps`` rows, as in Arbor's trainer.
 
 On-policy over HTTP: the server receives text, but trains what its engine sampled. The job's ``OnPolicyData`` records
@@ -69,7 +70,7 @@ LIMITS = ("CPU only: no GPUs, no vLLM and no weight sync between processes; one 
 HOST = "127.0.0.1"
 MAX_BODY = 32 * 2**20  # bytes: a request past this is refused before it is read
 MAX_N = 32  # completions per chat request
-ROUND_GROUPS = 32  # batch ids announced per trainer step: > 2 x the 12 groups of seed 000's step (6 claims x 2 predictors)
+ROUND_GROUPS = 64  # batch ids announced per trainer step: a step of up to 32 groups fits whole (seed 000's: 12)
 CHAT_FIELDS = {"model", "messages", "temperature", "top_p", "max_tokens", "n", "stop", "top_k", "repetition_penalty",
                "seed", "stream"}  # what Arbor's client (litellm) sends; seed is read and ignored (one generator per process)
 FIELD_MARKER = re.compile(r"\[\[ ## \w+ ## \]\]\n$")
@@ -262,8 +263,10 @@ class ArborCPU:
         return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "arbor-cpu"} for n in names]}
 
     def steps(self) -> dict:
-        """Per job, each trainer step's ``StepLog`` and data check, and the share of the completions it received that
-        were found among the engine's sampled rows (``matched_of_received``; unmatched ones are not trained)."""
+        """Per job, each trainer step's ``StepLog`` and data check, and how many of the completions its round received
+        matched none of the engine's sampled rows (``unmatched_items``: the round's repeats and leftovers by design,
+        and anything never sampled; none of them is trained). ``data.items`` / ``data.matched_items``: the fresh
+        groups' completions, which must all match."""
         def step(record, check, items):
             return {**asdict(record), "data": asdict(check), "received_items": items,
                     "unmatched_items": items - check.matched_items,
@@ -344,6 +347,9 @@ class ArborCPU:
                 served.items.append(sum(len(g) for g in batch))
                 record = served.job.step([{"batch_id": i, "group": g} for i, g in enumerate(batch)], "grpo_chat")
                 check = served.job.checks[-1]
+                if check.stale_groups == 0:
+                    log.warning("%s step %d: every group of the round of %d was fresh, so the step may have had more "
+                                "groups than fit: ask for fewer claims per step", served.arbor_id, record.step, len(batch))
                 log.info("%s step %d: %d group(s), %d/%d completions found among the sampled rows, sampled %.0f%%, "
                          "loss %.4f, %.1f s", served.arbor_id, record.step, record.groups, check.matched_items,
                          served.items[-1], 100 * record.sampled_share, record.loss, record.seconds)

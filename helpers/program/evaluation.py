@@ -5,6 +5,7 @@ of claims, so a small model's parse failures score 0 instead of aborting. ``repo
 claim: recall, gold pages found at hop 0 and at later hops, and which module failed to parse, if any.
 """
 
+import hashlib
 import json
 import logging
 import math
@@ -240,11 +241,16 @@ def _load_saved(profile: Profile, key: str) -> tuple[EvalReport | None, dict]:
 def load_or_run(profile: Profile, key: str, program, examples, threads: int, name: str,
                 progress: str | None = None) -> EvalReport:
     """The report saved under ``key`` if it covers the same claims with the same adapter and LM, else run and save it
-    (06 reuses 05's)."""
-    saved, settings = _load_saved(profile, key)
-    if (saved is not None and list(saved.per_claim["claim"]) == [ex.claim for ex in examples]
-            and settings == evaluated_with()):
-        return saved
+    (06 reuses 05's). ``key`` keeps the report of the settings that wrote it; another LM's or adapter's report goes
+    beside it (``<key>-<digest of the settings>``), so 06 through an Arbor server leaves 05's in place."""
+    settings = evaluated_with()
+    beside = f"{key}-{hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]}"
+    claims = [ex.claim for ex in examples]
+    held = {}
+    for candidate in (key, beside):
+        saved, held[candidate] = _load_saved(profile, candidate)
+        if saved is not None and list(saved.per_claim["claim"]) == claims and held[candidate] == settings:
+            return saved
     report = run_eval(program, examples, threads=threads, name=name, progress=progress)
-    save_report(profile, key, report)
+    save_report(profile, key if held[key] in ({}, settings) else beside, report)
     return report

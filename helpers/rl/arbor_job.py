@@ -47,7 +47,8 @@ def read(lm, timeout: float = 60.0) -> ArborJob | None:
         return None
     base = lm.kwargs["api_base"]
     status = _call(base + "fine_tuning/grpo/status", {"job_id": job_id}, timeout)
-    checkpoints = {name: {"path": record.get("path")} for name, record in (status.get("checkpoints") or {}).items()}
+    checkpoints = {name: {"path": record.get("path") or record.get("checkpoint_dir")}  # Arbor's server: checkpoint_dir
+                   for name, record in (status.get("checkpoints") or {}).items() if isinstance(record, dict)}
     job = ArborJob(job_id, status["current_model"], checkpoints, status.get("last_checkpoint"))
     try:
         steps = _call(base + "cpu/steps", None, timeout)["jobs"].get(job_id, {}).get("steps", [])

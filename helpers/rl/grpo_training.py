@@ -8,6 +8,7 @@ write and read back the program and its adapter.
 """
 
 import contextlib
+import dataclasses
 import json
 import logging
 import shutil
@@ -224,8 +225,6 @@ def evaluate_trained(trained, job, start, examples, threads: int):
     """Dev recall after GRPO (06). If no checkpoint beat step 0, the trained program runs on step 0's weights -- a LoRA
     adapter whose B matrices are still zero, so exactly the weights ``start`` was measured with -- and greedy fp32
     decoding gives the same outputs (tested): ``start`` is its report, and the evaluation is not run again."""
-    import dataclasses
-
     from helpers.program import evaluation
 
     if getattr(job, "best_checkpoint", None) == "step-0000":
@@ -237,8 +236,11 @@ def evaluate_trained(trained, job, start, examples, threads: int):
 
 def curve(job, initial_score=None) -> pd.DataFrame:
     """The job's per-step log as a table, from step 0 (the untrained adapter's score) to the last step."""
-    if not job.history:  # Arbor's own server does not report its steps
-        return pd.DataFrame([{"held_back_recall": initial_score}], index=pd.Index([0], name="step"))
+    if not job.history:  # Arbor's own server does not report its steps: the columns, with step 0 only
+        from helpers.backend.grpo_backend import StepLog
+
+        columns = [f.name for f in dataclasses.fields(StepLog) if f.name != "step"]
+        return pd.DataFrame([{"held_back_recall": initial_score}], index=pd.Index([0], name="step"), columns=columns)
     table = pd.DataFrame([vars(s) for s in job.history]).set_index("step")
     start = pd.DataFrame([{"held_back_recall": initial_score}], index=pd.Index([0], name="step"))
     return pd.concat([start, table]) if initial_score is not None else table
@@ -248,13 +250,18 @@ def data_check(job) -> pd.DataFrame:
     """Per step, what the on-policy data path found (``grpo_data.DataCheck``): 06 shows it must read 100 %.
 
     Through the CPU Arbor server two more columns say how many completions arrived over HTTP in the step's round and
-    how many of them were not trained: the round's repeats, and any completion the server never sampled."""
+    how many of them matched none of the server's sampled rows (the round's repeats, and any completion it never
+    sampled): those are not trained. A round without repeats may have been too small for the step (a line says so)."""
     rows = [{"groups": c.groups, "fresh groups": c.fresh_groups, "stale groups": c.stale_groups,
              "items matched %": round(100 * c.matched_share, 1), "trained tokens": c.trained_tokens,
              "of them sampled %": round(100 * c.sampled_share, 1)} for c in job.checks]
     for row, received, check in zip(rows, getattr(job, "received_items", []), job.checks):
         row["completions received"] = received
-        row["not trained"] = received - check.matched_items
+        row["not matched"] = received - check.matched_items
+    short = [i + 1 for i, c in enumerate(job.checks) if hasattr(job, "received_items") and c.stale_groups == 0]
+    if short:
+        print(f"steps {short}: every group of the round was fresh, so some of the step's groups may not have fit in it "
+              "and wait in dspy's queue: ask for fewer claims per step")
     if getattr(job, "steps_reported", True) is False:
         print(f"Arbor's server does not report what it trained (only the CPU Arbor server has /v1/cpu/steps): "
               f"job {job.job_id}, checkpoints {sorted(job.checkpoints)}")
@@ -360,12 +367,15 @@ def save_trained(profile: Profile, program, job, name: str = "researchhop_grpo",
     if best is None:
         raise TutorialError("the GRPO job saved no checkpoint: nothing to save")
     served = getattr(job, "current_model", None)  # set for a job on an Arbor server
-    source = Path(job.checkpoints[best]["path"] or "")
-    if served is None and not source.is_dir():
+    if best not in job.checkpoints:
+        raise TutorialError(f"the GRPO job names checkpoint {best}, but lists only {sorted(job.checkpoints)}: run GRPO again")
+    raw = job.checkpoints[best].get("path")
+    source = Path(raw) if raw else None  # None: the server did not say where (its disk, not this machine's)
+    if served is None and (source is None or not source.is_dir()):
         raise TutorialError(f"checkpoint {best} has no folder at {source}: run GRPO again to save it")
     with atomic.turn(_lock_file(target), f"save or load of {name}"), atomic.atomic_dir(target) as tmp:
         program.save(str(tmp / "program.json"))
-        if source.is_dir():
+        if source is not None and source.is_dir():
             shutil.copytree(source, tmp / "adapter")
         if warm_start is not None:
             shutil.copytree(warm_start, tmp / "warm_start")
@@ -441,10 +451,15 @@ def _load_trained(folder: Path, fresh_program, lm, adapter_name: str):
         raise TutorialError(f"{folder / 'trained.json'}: warm_start is {warm!r}, not true or false: run 06 again to save it")
     served = record.get("served_as")
     if not isinstance(lm, local_lm.EmbeddedLM):
-        if not isinstance(served, str):
+        from helpers.rl import arbor_job
+
+        if not isinstance(served, str) or not served.startswith("grpo:"):
             raise TutorialError(f"{folder} holds an adapter for the embedded model, and {lm.model!r} is served elsewhere: "
                                 "load it with the embedded LM (lm_setup.make_lm(profile))")
-        if served.split("@w")[0] not in str(lm.model):
+        if warm:
+            raise TutorialError(f"{folder} says it was trained on a warm start, which an Arbor job never is: run "
+                                "06_grpo_training again to save it")
+        if arbor_job.job_name(lm) != served.split("@w")[0]:
             raise TutorialError(f"{folder} was trained as {served.split('@w')[0]} on an Arbor server, and {lm.model!r} "
                                 "does not name that job: give load_trained an LM that does (its server must still run)")
         fresh_program.load_state(state)

@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -61,6 +62,8 @@ def arbor_cpu_server(log_path: Path, *options: str):
                 server.wait(30)
                 raise RuntimeError(f"the CPU Arbor server did not start (exit {server.returncode}): see {log_path}")
             print(banner.strip(), flush=True)  # it names the server's limits (no GPUs, no vLLM)
+            # anything it prints later goes to its log, so a full pipe never blocks it
+            threading.Thread(target=lambda: [log.write(line) for line in server.stdout], daemon=True).start()
             yield found.group(1)
         finally:
             server.terminate()
