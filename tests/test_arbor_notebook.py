@@ -14,8 +14,8 @@ import pytest
 from helpers.data import sources
 from helpers.tools import run_notebooks
 
-TINY = "import dataclasses\nprofile = dataclasses.replace(profile, dev_eval_size=4, selection_size=2)  # a tiny run"
-GRPO_SIZES = {"num_rollouts_per_grpo_step=6,": "num_rollouts_per_grpo_step=4,",
+TINY = "import dataclasses\nprofile = dataclasses.replace(profile, dev_eval_size=2, selection_size=2)  # a tiny run"
+GRPO_SIZES = {"num_rollouts_per_grpo_step=6,": "num_rollouts_per_grpo_step=2,",
               "num_train_steps=6,": "num_train_steps=2,"}
 REPORT = """import json
 from helpers.engine import local_lm
@@ -56,12 +56,12 @@ def test_06_trains_through_the_cpu_arbor_server(mini_profile, tmp_path, capsys):
     assert result["provider"] == "ArborProvider" and not result["warm_start"]
     assert not result["engine_in_kernel"]  # every LM call went to the server
     assert result["model"].startswith("openai/arbor:grpo:smollm2-135m-instruct:") and "@w" in result["model"]
-    assert result["after_lm"] == result["model"] and result["same"] is True and result["claims"] == 4
+    assert result["after_lm"] == result["model"] and result["same"] is True and result["claims"] == 2
     # one trainer step per GRPO step, each with all of that step's groups (3 claims x 2 predictors) fresh: dspy's
     # queue keeps leftovers of 6 groups (64 is no multiple of 6), and none of this step's may wait for the next
     assert len(result["steps"]) == 2
     for step in result["steps"]:  # every fresh completion was found among the server's sampled rows
-        assert step["fresh"] == 6 and step["matched"] == step["items"] == 24 and step["sampled"] == step["trained"]
-        assert step["received"] == 64 * 4
+        assert step["fresh"] == 6 and step["matched"] == step["items"] == 12 and step["sampled"] == step["trained"]
+        assert step["received"] == 64 * 2
     assert "No checkpoint was chosen on held-back claims: the program has the last step's weights." in text
-    assert "held back 2 · dev 4 claims" in text
+    assert "held back 2 · dev 2 claims" in text
