@@ -60,7 +60,7 @@ def test_06_trains_through_the_cpu_arbor_server(mini_profile, tmp_path, capsys):
     # one trainer step per GRPO step, each with all of that step's groups (3 claims x 2 predictors) fresh: dspy's
     # queue keeps leftovers of 6 groups (64 is no multiple of 6), and none of this step's may wait for the next
     assert len(result["steps"]) == 2
-    for step in result["steps"]:  # every fresh completion was found among the server's sampled rows
+    for step in result["steps"]:  # every fresh completion matched one of the server's sampled rows
         assert step["fresh"] == 6 and step["matched"] == step["items"] == 12 and step["sampled"] == step["trained"]
         assert step["received"] == 64 * 2
     assert "No checkpoint was chosen on held-back claims: the program has the last step's weights." in text
