@@ -71,13 +71,14 @@ PRESETS = {
         notes={"gradient_accumulation_steps": "24/6 in the seed"},
     ),
     # Tuned for 2 CPU cores and a 135M model: few, short GRPO steps, each split into several clipped
-    # optimizer steps, and a reward that also credits gold pages ranked just below the cut.
+    # optimizer steps, and a reward that also credits gold pages ranked just below the cut. 4 steps keep 06, and with
+    # it `make test`, within its time (about 1 min a step); benchmarks/grpo_mini.py --steps / --long runs more.
     "mini": GRPOPreset(
         name="mini",
-        description="CPU preset: SmolLM2-135M with LoRA, 6 short steps on 2 cores (06 writes it out as its GRPO(...) call)",
+        description="CPU preset: SmolLM2-135M with LoRA, 4 short steps on 2 cores (06 writes it out as its GRPO(...) call)",
         optimizer="GRPO",
         compile_kwargs=dict(num_dspy_examples_per_grpo_step=3, num_rollouts_per_grpo_step=6, exclude_demos=True,
-                            multitask=True, num_train_steps=6, num_threads=16, use_train_as_val=False,
+                            multitask=True, num_train_steps=4, num_threads=16, use_train_as_val=False,
                             num_steps_for_val=10, report_train_scores=False, failure_score=0.0,
                             format_failure_score=-0.1),
         train_kwargs={"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "learning_rate": 1e-3,
