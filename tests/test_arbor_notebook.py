@@ -15,7 +15,7 @@ from helpers.data import sources
 from helpers.tools import run_notebooks
 
 TINY = "import dataclasses\nprofile = dataclasses.replace(profile, dev_eval_size=2, selection_size=2)  # a tiny run"
-GRPO_SIZES = {"num_rollouts_per_grpo_step=6,": "num_rollouts_per_grpo_step=2,",
+GRPO_SIZES = {"num_rollouts_per_grpo_step=4,": "num_rollouts_per_grpo_step=2,",
               "num_train_steps=4,": "num_train_steps=2,"}
 REPORT = """import json
 from helpers.engine import local_lm

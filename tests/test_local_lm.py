@@ -645,9 +645,11 @@ def test_a_damaged_converted_model_is_converted_again(engine, mini_cache, tmp_pa
     model, _, info = local_lm.load_model(tmp_path)
     assert info.source == "gguf" and "is damaged" in capsys.readouterr().out
     assert (model.state_dict()["model.embed_tokens.weight"] == engine.model.state_dict()["model.embed_tokens.weight"]).all()
-    (target / "converted.json").write_text("[")
-    assert local_lm.load_model(tmp_path)[2].source == "gguf"
     assert local_lm.load_model(tmp_path)[2].source == "cache"  # whole again
+    # a broken marker takes the same way back (load_model converts again when this gives None, as above)
+    (target / "converted.json").write_text("[")
+    assert local_lm._load_converted(target, model.dtype) is None
+    assert "is damaged (JSONDecodeError)" in capsys.readouterr().out
 
 
 @pytest.mark.model

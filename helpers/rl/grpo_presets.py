@@ -71,13 +71,14 @@ PRESETS = {
         notes={"gradient_accumulation_steps": "24/6 in the seed"},
     ),
     # Tuned for 2 CPU cores and a 135M model: few, short GRPO steps, each split into several clipped
-    # optimizer steps, and a reward that also credits gold pages ranked just below the cut. 4 steps keep 06, and with
-    # it `make test`, within its time (about 1 min a step); benchmarks/grpo_mini.py --steps / --long runs more.
+    # optimizer steps, and a reward that also credits gold pages ranked just below the cut. 4 steps of 3 claims x 4
+    # rollouts (the seed's group size) keep 06, and with it `make test`, within its time on 2 cores;
+    # benchmarks/grpo_mini.py --steps / --long / --claims-per-step measure larger runs.
     "mini": GRPOPreset(
         name="mini",
         description="CPU preset: SmolLM2-135M with LoRA, 4 short steps on 2 cores (06 writes it out as its GRPO(...) call)",
         optimizer="GRPO",
-        compile_kwargs=dict(num_dspy_examples_per_grpo_step=3, num_rollouts_per_grpo_step=6, exclude_demos=True,
+        compile_kwargs=dict(num_dspy_examples_per_grpo_step=3, num_rollouts_per_grpo_step=4, exclude_demos=True,
                             multitask=True, num_train_steps=4, num_threads=16, use_train_as_val=False,
                             num_steps_for_val=10, report_train_scores=False, failure_score=0.0,
                             format_failure_score=-0.1),
