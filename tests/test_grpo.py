@@ -520,7 +520,8 @@ def test_the_backend_follows_the_grpo_call_it_serves(mini_profile):
     program = ResearchHop(4, 2, search=lambda query, k: [])
     reward = grpo_training.HiddenPageLog(metrics.recall)
     train_kwargs = grpo_training.backend_kwargs(preset, mini_profile, program, reward, progress=True)
-    assert train_kwargs["groups_per_step"] == 3 * 2 and reward.steps == 6  # the preset's
+    steps = preset.compile_kwargs["num_train_steps"]
+    assert train_kwargs["groups_per_step"] == 3 * 2 and reward.steps == steps != 2  # the preset's, not the call's below
     compiler = GRPO(metric=reward, multitask=True, exclude_demos=True, num_dspy_examples_per_grpo_step=5,
                     num_rollouts_per_grpo_step=4, num_train_steps=2, failure_score=0.0, format_failure_score=-0.5,
                     train_kwargs=train_kwargs)
