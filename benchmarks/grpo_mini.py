@@ -2,14 +2,15 @@
 
 Run: python benchmarks/grpo_mini.py [--seeds 0 1] [--steps N] [--dev 300] [--long] [--quick]
 For each seed: a fresh LoRA adapter, rollouts sampled from that seed, the mini preset for ``--steps`` GRPO
-steps on the train split minus ``--select`` claims; those held-back train claims choose the checkpoint
-(never dev or test). Then greedy recall on ``--dev`` dev claims. Prints per step: rollout and training
-seconds, fresh groups, groups whose rewards differ, the data-path check (trained tokens that were sampled),
-the share of claims where a rollout found a gold page the claim does not name; per seed: the gain at the fixed
-final step and at the chosen checkpoint, hidden-page recall before/after, GRPO minutes; then the pooled table:
+steps on the train split, and the last step kept, as 06 does. Then greedy recall on ``--dev`` dev claims.
+``--select N`` also holds the last N train claims back from training and lets them choose a checkpoint (never dev
+or test), and reports it beside the last step. Prints per step: rollout and training seconds, fresh groups,
+groups whose rewards differ, the data-path check (trained tokens that were sampled), the share of claims where a
+rollout found a gold page the claim does not name; per seed: the gain at the fixed final step (and at the chosen
+checkpoint), hidden-page recall before/after, GRPO minutes; then the pooled table:
 the mean gain over seeds with a 95 % CI that resamples seeds and claims together (``stats.seeds_and_claims_ci``),
 the share of seeds with a gain above 0, and the verdict against the goal.
-``--long``: 16 steps, the selection score after every 2nd step (the curve). ``--quick`` (make bench
+``--long``: 16 steps (with ``--select``, the selection score after every 2nd step is the curve). ``--quick`` (make bench
 QUICK=1): one seed, one step, no evaluation: only the step's cost.
 ``--warm-start``: before GRPO, behaviour cloning (LoRA SFT, not RL) of the scripted teacher on ``--warm-train``
 train claims (``helpers/rl/warm_start.py``), merged into the base weights; prints baseline -> warm start, then per
@@ -37,7 +38,8 @@ def main():
     parser.add_argument("--seeds", type=whole(0), nargs="+", default=[0, 1])
     parser.add_argument("--steps", type=whole(1), default=None, help="GRPO steps (default: the mini preset's; --long: 16)")
     parser.add_argument("--dev", type=whole(1), default=300, help="dev claims scored before and after (>= 100)")
-    parser.add_argument("--select", type=whole(1), default=24, help="train claims held back to choose the checkpoint")
+    parser.add_argument("--select", type=whole(0), default=0,
+                        help="train claims held back to choose a checkpoint (default 0: none, the last step is kept, as in 06)")
     parser.add_argument("--every", type=whole(1), default=2, help="score the checkpoint every this many steps")
     parser.add_argument("--long", action="store_true", help="16 steps: the curve shows the trend")
     parser.add_argument("--quick", action="store_true", help="one seed, one step, no evaluation")
@@ -47,6 +49,8 @@ def main():
     parser.add_argument("--temperature", type=positive, default=None, help="rollout temperature (default: the preset's)")
     parser.add_argument("--claims-per-step", type=whole(1), default=None, help="claims per GRPO step (default: the preset's)")
     parser.add_argument("--lr", type=positive, default=None, help="GRPO learning rate (default: the preset's)")
+    parser.add_argument("--beta", type=positive, default=None,
+                        help="KL penalty to the starting weights (default: the preset's, 0): keeps the policy near the warm start")
     parser.add_argument("--hidden-bonus", type=float, default=0.0,
                         help="add this times hidden-page recall to the reward (grpo_training.hidden_page_bonus; default 0)")
     parser.add_argument("--record", action="store_true",
@@ -55,9 +59,10 @@ def main():
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.steps = args.seeds[:1], 1
-    if args.record and (args.quick or args.hidden_bonus or not args.warm_start or len(set(args.seeds)) < 4 or args.dev < 100):
-        parser.error("argument --record: needs --warm-start, 4 or more different --seeds, --dev 100 or more and no "
-                     "--hidden-bonus (06's set-up)")
+    if args.record and (args.quick or args.hidden_bonus or args.select or args.beta or not args.warm_start
+                        or len(set(args.seeds)) < 4 or args.dev < 100):
+        parser.error("argument --record: needs --warm-start, 4 or more different --seeds, --dev 100 or more, and no "
+                     "--hidden-bonus, --beta or --select (06's set-up)")
     profile = bootstrap.start("mini")
 
     import dspy
@@ -74,7 +79,8 @@ def main():
     at_most(parser, "--dev", args.dev, len(devset), "dev claims")
     at_most(parser, "--select", args.select, len(trainset) - 1, "train claims that can be held back")
     search = retrieval.load_search(profile)
-    trainset, selection = trainset[: -args.select], trainset[-args.select:]
+    trainset, selection = trainset[: len(trainset) - args.select], trainset[len(trainset) - args.select:]
+    choose = bool(selection) and not args.quick
     evalset = devset[: args.dev]
     adapter = adapter_choice.chosen_adapter(profile)
     eval_lm = lm_setup.make_lm(profile, temperature=profile.eval_temperature, cache=False)
@@ -84,10 +90,12 @@ def main():
         preset, rollout_temperature=args.temperature or preset.rollout_temperature,
         compile_kwargs={**preset.compile_kwargs, "num_dspy_examples_per_grpo_step":
                         args.claims_per_step or preset.compile_kwargs["num_dspy_examples_per_grpo_step"]},
-        train_kwargs={**preset.train_kwargs, "learning_rate": args.lr or preset.train_kwargs["learning_rate"]})
+        train_kwargs={**preset.train_kwargs, "learning_rate": args.lr or preset.train_kwargs["learning_rate"],
+                      "beta": args.beta or preset.train_kwargs.get("beta", 0.0)})
     print(f"GRPO: rollout temperature {preset.rollout_temperature}, "
           f"{preset.compile_kwargs['num_dspy_examples_per_grpo_step']} claims x "
-          f"{preset.compile_kwargs['num_rollouts_per_grpo_step']} rollouts a step, lr {preset.train_kwargs['learning_rate']:g}")
+          f"{preset.compile_kwargs['num_rollouts_per_grpo_step']} rollouts a step, lr {preset.train_kwargs['learning_rate']:g}, "
+          f"KL beta {preset.train_kwargs['beta']:g}")
     steps = args.steps or (16 if args.long else preset.compile_kwargs["num_train_steps"])
     reward = grpo_training.training_reward(preset, search)
     if args.hidden_bonus:
@@ -99,20 +107,19 @@ def main():
         # 05's saved report when it covers the same claims (the untrained greedy run gives the same numbers)
         before = evaluation.load_or_run(profile, "bench_baseline_dev", ResearchHop(4, 2, search), evalset,
                                         profile.eval_threads, "ResearchHop (untrained)")
-        select_before = evaluation.run_eval(ResearchHop(4, 2, search), selection, profile.eval_threads).score
+        select_before = _score(ResearchHop(4, 2, search), selection, profile.eval_threads)
         print(f"baseline dev recall ({len(evalset)} claims): {before.score:.1f}%, hidden-page recall "
-              f"{before.hidden_score:.1f}%  [{before.seconds:.0f} s, {before.seconds / len(evalset):.2f} s/claim]; "
-              f"selection ({len(selection)} train claims): {select_before:.1f}%")
+              f"{before.hidden_score:.1f}%  [{before.seconds:.0f} s, {before.seconds / len(evalset):.2f} s/claim]"
+              + (f"; selection ({len(selection)} train claims): {select_before:.1f}%" if choose else ""))
     if args.warm_start and not args.quick:
         before, select_before = _warm_start(args, profile, search, trainset, selection, evalset, adapter, engine, before)
     results = []
     for seed in args.seeds:
         train_lm = lm_setup.make_lm(profile, trainable=True, temperature=preset.rollout_temperature)
-        on_step = None if args.quick else grpo_training.held_back_recall_after_each_step(
-            search, selection, eval_lm, profile.eval_threads, every=args.every)
+        on_step = held_back_recall(search, selection, eval_lm, profile.eval_threads, args.every) if choose else None
         start = time.perf_counter()
         trained, job = grpo_training.train(ResearchHop(4, 2, search), trainset, train_lm, adapter, reward, preset,
-                                           profile, on_step=on_step, initial_score=None if args.quick else select_before,
+                                           profile, on_step=on_step, initial_score=select_before if choose else None,
                                            num_train_steps=steps, seed=seed)
         minutes = (time.perf_counter() - start) / 60
         for s in job.history:
@@ -136,13 +143,13 @@ def main():
             final = evaluation.run_eval(trained, evalset, profile.eval_threads)
         run = {"seed": seed, "minutes": minutes, "checkpoint": job.best_checkpoint or job.last_checkpoint}
         start_from = "the warm start" if args.warm_start else "untrained"
-        for label, after in (("final step", final), ("chosen checkpoint", chosen)):
+        for label, after in (("final step", final), ("chosen checkpoint", chosen))[: 2 if choose else 1]:
             change, low, high = evaluation.gain(before, after, seed=seed)
             run[label] = {"gain": change, "diffs": _diffs(before, after), "hidden": after.hidden_score}
             print(f"seed {seed}, {label}: dev recall {before.score:.1f}% ({start_from}) -> {after.score:.1f}% "
                   f"({change:+.1f} points, claims-only 95% CI {low:+.1f} to {high:+.1f}), hidden-page recall "
                   f"{before.hidden_score:.1f}% -> {after.hidden_score:.1f}%")
-        print(f"seed {seed}: GRPO {minutes:.1f} min ({minutes / steps:.2f} min/step), checkpoint chosen "
+        print(f"seed {seed}: GRPO {minutes:.1f} min ({minutes / steps:.2f} min/step), checkpoint kept "
               f"{run['checkpoint']}", flush=True)
         results.append(run)
         lora_policy.remove_lora(engine)
@@ -160,9 +167,9 @@ def _diffs(before, after) -> list[float]:
 
 
 def pooled_table(results, before, claims):
-    """Per seed and pooled over seeds and claims (``stats.seeds_and_claims_ci``), at the final step and at the
-    chosen checkpoint; the goal: pooled mean >= +5 points with the interval above 0, every seed > 0, hidden-page
-    recall up on average, <= 20 min of GRPO per seed."""
+    """Per seed and pooled over seeds and claims (``stats.seeds_and_claims_ci``), at the final step (and at the
+    chosen checkpoint, with ``--select``); the goal: pooled mean >= +5 points with the interval above 0, every seed
+    > 0, hidden-page recall up on average, <= 20 min of GRPO per seed."""
     import numpy as np
 
     from helpers.util import stats
@@ -172,7 +179,7 @@ def pooled_table(results, before, claims):
     print("| | " + " | ".join(f"seed {r['seed']}" for r in results) + " | pooled (95% CI over seeds and claims) | seeds > 0 |")
     print("|---|" + "---:|" * len(results) + "---|---:|")
     verdicts, pooled = [], {}
-    for label in ("final step", "chosen checkpoint"):
+    for label in [k for k in ("final step", "chosen checkpoint") if k in results[0]]:
         gains = [r[label]["gain"] for r in results]
         mean, low, high = stats.seeds_and_claims_ci([r[label]["diffs"] for r in results])
         positive = sum(g > 0 for g in gains)
@@ -192,7 +199,8 @@ def pooled_table(results, before, claims):
 
 
 def record_distribution(results, pooled, before, claims, steps, preset):
-    """Write the pooled run to ``helpers/rl/grpo_distribution.json``: 06's verdict reads it beside its own run."""
+    """Write the pooled run (the last step, 06's set-up) to ``helpers/rl/grpo_distribution.json``: 06's verdict reads
+    it beside its own run."""
     import datetime
     import json
 
@@ -204,8 +212,7 @@ def record_distribution(results, pooled, before, claims, steps, preset):
                                               ("num_dspy_examples_per_grpo_step", "num_rollouts_per_grpo_step")},
                            "learning_rate": preset.train_kwargs["learning_rate"], "warm_start": True},
               "start_hidden": before.hidden_score,
-              "seeds": [{"seed": r["seed"], "minutes": round(r["minutes"], 1), "checkpoint": r["checkpoint"],
-                         **{label: round(r[label]["gain"], 2) for label in ("final step", "chosen checkpoint")}}
+              "seeds": [{"seed": r["seed"], "minutes": round(r["minutes"], 1), "final step": round(r["final step"]["gain"], 2)}
                         for r in results],
               "pooled": {label: {k: round(v, 2) for k, v in p.items()} for label, p in pooled.items()}}
     atomic.write_text(grpo_training.DISTRIBUTION_FILE, json.dumps(record, indent=1) + "\n")
@@ -222,12 +229,35 @@ def _warm_start(args, profile, search, trainset, selection, evalset, adapter, en
     log = warm_start.run(ResearchHop(4, 2, search), trainset, search, adapter, settings, log_every=10)
     warm = evaluation.run_eval(ResearchHop(4, 2, search), evalset, profile.eval_threads, name="warm start")
     change, low, high = evaluation.gain(baseline, warm)
-    select = evaluation.run_eval(ResearchHop(4, 2, search), selection, profile.eval_threads).score
+    select = _score(ResearchHop(4, 2, search), selection, profile.eval_threads)
     print(f"warm start (behaviour cloning, {log.rows} rows, {log.steps} SFT steps in {log.seconds / 60:.1f} min): dev "
           f"recall {baseline.score:.1f}% -> {warm.score:.1f}% ({change:+.1f} points, 95% CI {low:+.1f} to {high:+.1f}), "
-          f"hidden-page recall {baseline.hidden_score:.1f}% -> {warm.hidden_score:.1f}%; selection {select:.1f}%; "
-          f"the GRPO lines below start from the warm start", flush=True)
+          f"hidden-page recall {baseline.hidden_score:.1f}% -> {warm.hidden_score:.1f}%"
+          + (f"; selection {select:.1f}%" if selection else "") + "; the GRPO lines below start from the warm start",
+          flush=True)
     return warm, select
+
+
+def _score(program, examples, threads):
+    """Recall (%) on the held-back claims, or None when none are held back."""
+    from helpers.program.evaluation import run_eval
+
+    return run_eval(program, examples, threads).score if examples else None
+
+
+def held_back_recall(search, examples, lm, threads: int, every: int):
+    """``on_step`` for ``--select``: recall (%) of a fresh ResearchHop on the held-back claims, every ``every`` steps;
+    the job then loads the best-scoring checkpoint (step 0, the starting weights, included) instead of the last."""
+    from helpers.program.research_hop import ResearchHop
+
+    def measure(record):
+        if record.step % every:
+            return None
+        program = ResearchHop(num_docs=4, num_hops=2, search=search)
+        program.set_lm(lm)
+        return _score(program, examples, threads)
+
+    return measure
 
 
 def _pct(value, scale=100):

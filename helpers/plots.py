@@ -43,7 +43,8 @@ def baseline_figure(report, claim_only):
 
 
 def training_curve(curve):
-    """06: rollout reward and groups with a reward spread per GRPO step; held-back recall from step 0 (untrained)."""
+    """06: per GRPO step, the rollout reward and the groups with a reward spread (left), and the share of claims where a
+    rollout found a gold page the claim does not name (right: the multi-hop skill the reward can reinforce)."""
     from matplotlib.ticker import MaxNLocator
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.2))
@@ -54,12 +55,9 @@ def training_curve(curve):
                   label="share of groups with a reward spread")
     left.set(title="rollouts per GRPO step", xlabel="step")
     left.legend(fontsize=7)
-    measured = curve["held_back_recall"].dropna() if "held_back_recall" in curve else curve.index[:0]
-    if len(measured):
-        right.plot(measured.index, measured.values, marker="o", color="#55a868", label="held-back train claims")
-        right.axhline(measured.iloc[0], color="#999999", linestyle="--", label="untrained (step 0)")
-    right.set(title="recall during training (checkpoint choice)", xlabel="step", ylabel="recall %")
-    right.legend(fontsize=7)
+    found = steps["hidden_found"].dropna() if "hidden_found" in steps else steps["mean_reward"].iloc[:0]
+    right.plot(found.index, 100 * found.astype(float), marker="o", color="#55a868")
+    right.set(title="claims where a rollout found an unnamed gold page", xlabel="step", ylabel="%", ylim=(0, 100))
     for axis in (left, right):
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()

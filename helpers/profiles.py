@@ -51,7 +51,6 @@ class Profile:
     split_sizes: tuple = (600, 300)  # train, dev; the rest is test (the seeds' slicing)
     dev_eval_size: int = 300  # how many dev claims 05 evaluates
     eval_threads: int = 16
-    selection_size: int = 100  # train claims held back from GRPO: they score checkpoints (never dev or test)
     eval_temperature: float = 0.7  # the seeds evaluate at the LM's sampling temperature
     adapter: str = "ChatAdapter"  # used until 04 has measured and saved a choice
     lm: LMSettings = None
@@ -131,7 +130,6 @@ def _mini() -> Profile:
         hover_sha256=MINI_HOVER_SHA256,
         dev_eval_size=100,  # >= 100 claims: per-claim sd is ~0.24, so 24 claims gave a standard error of ~5 points
         eval_threads=16,
-        selection_size=24,
         eval_temperature=0.0,  # greedy fp32 decoding: the same recall on every run (nbval compares it)
         adapter="GuidedChatAdapter",
         lm=LMSettings(kind="embedded", model="SmolLM2-135M-Instruct", temperature=0.7, max_tokens=256),

@@ -14,7 +14,7 @@ import pytest
 from helpers.data import sources
 from helpers.tools import run_notebooks
 
-TINY = "import dataclasses\nprofile = dataclasses.replace(profile, dev_eval_size=2, selection_size=2)  # a tiny run"
+TINY = "import dataclasses\nprofile = dataclasses.replace(profile, dev_eval_size=2)  # a tiny run"
 GRPO_SIZES = {"num_rollouts_per_grpo_step=4,": "num_rollouts_per_grpo_step=2,",
               "num_train_steps=4,": "num_train_steps=2,"}
 REPORT = """import json
@@ -63,5 +63,5 @@ def test_06_trains_through_the_cpu_arbor_server(mini_profile, tmp_path, capsys):
     for step in result["steps"]:  # every fresh completion matched one of the server's sampled rows
         assert step["fresh"] == 6 and step["matched"] == step["items"] == 12 and step["sampled"] == step["trained"]
         assert step["received"] == 64 * 2
-    assert "No checkpoint was chosen on held-back claims: the program has the last step's weights." in text
-    assert "held back 2 · dev 2 claims" in text
+    assert "The program has the last step's weights: no checkpoint was chosen on held-back claims." in text
+    assert "train 600 · dev 2 claims" in text

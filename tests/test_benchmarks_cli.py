@@ -13,7 +13,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 BAD = [
     ("grpo_mini.py", ["--dev", "-5"], "--dev"), ("grpo_mini.py", ["--dev", "0"], "--dev"),
-    ("grpo_mini.py", ["--select", "0"], "--select"), ("grpo_mini.py", ["--every", "0"], "--every"),
+    ("grpo_mini.py", ["--select", "-1"], "--select"), ("grpo_mini.py", ["--every", "0"], "--every"),
     ("grpo_mini.py", ["--temperature", "nan"], "--temperature"), ("grpo_mini.py", ["--lr", "-1"], "--lr"),
     ("grpo_mini.py", ["--steps", "-1"], "--steps"), ("grpo_mini.py", ["--seeds", "x"], "--seeds"),
     ("warm_start.py", ["--train", "0"], "--train"), ("warm_start.py", ["--batch", "0"], "--batch"),
@@ -22,6 +22,7 @@ BAD = [
     ("lm_throughput.py", ["--rollouts", "3x"], "--rollouts"), ("lm_throughput.py", ["--claims", "-1"], "--claims"),
     ("lm_throughput.py", ["--beside-busy", "1.5"], "--beside-busy"),
     ("grpo_mini.py", ["--record", "--seeds", "0", "1", "2"], "--record"),
+    ("grpo_mini.py", ["--record", "--warm-start", "--seeds", "0", "1", "2", "3", "--dev", "100", "--select", "24"], "--record"),
 ]
 
 

@@ -65,13 +65,13 @@ def test_the_verdict_reads_one_run_beside_the_benchmarks_seeds(tmp_path, capsys)
     import json
 
     record = {"date": "2026-12-04", "commit": "abc1234", "claims": 100,
-              "seeds": [{"seed": s, "final step": g, "chosen checkpoint": g} for s, g in enumerate([0.0, 2.0, -1.0, 3.0])],
-              "pooled": {k: {"mean": 1.0, "low": -0.5, "high": 2.5} for k in ("final step", "chosen checkpoint")}}
+              "seeds": [{"seed": s, "final step": g} for s, g in enumerate([0.0, 2.0, -1.0, 3.0])],
+              "pooled": {"final step": {"mean": 1.0, "low": -0.5, "high": 2.5}}}
     path = tmp_path / "grpo_distribution.json"
     path.write_text(json.dumps(record))
     distribution = grpo_training.recorded_distribution(path)
     text = grpo_training.verdict(BEFORE, WARM, job("step-0002", [0.5]), distribution=distribution)
-    assert "above 0 in 2 of 4 seeds" in text and "+0.0, +2.0, -1.0, +3.0" in text
+    assert "GRPO's last step gained +0.0, +2.0, -1.0, +3.0 points" in text and "above 0 in 2 of 4 seeds" in text
     assert "This run's +25.0 is above that range" in text and "not yet reliable" in text
     assert grpo_training.recorded_distribution(tmp_path / "missing.json") is None
     path.write_text(json.dumps({**record, "pooled": {}}))
@@ -79,10 +79,10 @@ def test_the_verdict_reads_one_run_beside_the_benchmarks_seeds(tmp_path, capsys)
 
 
 def test_a_run_without_a_checkpoint_choice_keeps_its_last_step():
-    """Through Arbor (or with no held-back scoring) nothing chose a checkpoint: the verdict must not say step 0 won."""
+    """06 (in this kernel or through Arbor) chooses no checkpoint: the verdict must not say step 0 won."""
     text = grpo_training.verdict(BEFORE, WARM, job(None, []))
     assert "beat step 0" not in text and "did not help" not in text
-    assert "No checkpoint was chosen on held-back claims: the program has the last step's weights." in text
+    assert "The program has the last step's weights: no checkpoint was chosen on held-back claims." in text
     assert "GRPO improved the program" in text
 
 

@@ -117,7 +117,7 @@ class LocalReinforceJob(ReinforceJob):
         self.history.append(record)
         on_step = self.train_kwargs.get("on_step")
         score = None  # a step's rollout reward measures the weights before it, so it cannot rank this checkpoint
-        if on_step is not None:  # e.g. 06 measures recall on held-out claims; unmeasured steps do not compete for "best"
+        if on_step is not None:  # e.g. grpo_mini.py --select: recall on held-back claims; unmeasured steps do not compete
             measured = on_step(record)
             score = record.held_back_recall = None if measured is None else float(measured)
         if self.checkpoint_dir and self.train_kwargs.get("checkpoint_every_step", True):

@@ -1,10 +1,10 @@
 """Running GRPO on ResearchHop and keeping its results (06_grpo_training).
 
 06 writes the seed's ``GRPO(...)`` call out; what it needs around that call is here, one call each:
-``HiddenPageLog`` (the reward, noting the multi-hop skill per step), ``backend_kwargs`` (checkpoints, held-back
-scoring), ``one_line_per_step`` and ``job_of``. ``train`` runs the same path from a preset (dspy's ``GRPO``, or
-Arbor's ``ArborGRPO`` in the full profile) for the benchmarks and tests. ``save_trained`` / ``load_trained``
-write and read back the program and its adapter.
+``HiddenPageLog`` (the reward, noting the multi-hop skill per step), ``backend_kwargs`` (where checkpoints go),
+``one_line_per_step`` and ``job_of``; 06 keeps the last step's weights. ``train`` runs the same path from a preset
+(dspy's ``GRPO``, or Arbor's ``ArborGRPO`` in the full profile) for the benchmarks and tests. ``save_trained`` /
+``load_trained`` write and read back the program and its adapter.
 """
 
 import contextlib
@@ -75,9 +75,10 @@ def backend_kwargs(preset: GRPOPreset, profile: Profile, program, log: "HiddenPa
                    initial_score=None, progress: bool = True, **overrides) -> dict:
     """The ``train_kwargs`` for ``GRPO(...)``: the preset's, plus what the local backend needs (06, ``train``).
 
-    ``log`` is the metric GRPO gets (``HiddenPageLog``); ``on_step(record)`` may return a score (06: recall on
-    held-back train claims), and ``initial_score`` is the starting model's score on the same scale, so the
-    starting adapter can win "best checkpoint" too. ``progress=True`` prints one line per step (``step_line``).
+    ``log`` is the metric GRPO gets (``HiddenPageLog``). ``on_step(record)`` may return a score, and then the job
+    loads the best-scoring checkpoint at the end instead of the last; ``initial_score`` is the starting model's score on
+    the same scale, so the starting adapter can win too (``benchmarks/grpo_mini.py --select`` scores held-back train
+    claims that way; 06 passes neither and keeps the last step). ``progress=True`` prints one line per step.
     """
     settings = {**preset.compile_kwargs, **overrides}
     log.steps = settings["num_train_steps"]
@@ -206,34 +207,6 @@ def _drop_parse_failure_warnings(record: logging.LogRecord) -> bool:
     return "Failed to parse output for example" not in record.getMessage()
 
 
-def held_back_recall_after_each_step(search, examples, lm, threads: int, every: int = 1):
-    """An ``on_step`` callback: recall (%) of a fresh ResearchHop on ``examples`` with ``lm``, every ``every`` steps."""
-    from helpers.program.evaluation import run_eval
-    from helpers.program.research_hop import ResearchHop
-
-    def measure(record):
-        if record.step % every:
-            return None
-        program = ResearchHop(num_docs=4, num_hops=2, search=search)
-        program.set_lm(lm)
-        return run_eval(program, examples, threads=threads).score
-
-    return measure
-
-
-def evaluate_trained(trained, job, start, examples, threads: int):
-    """Dev recall after GRPO (06). If no checkpoint beat step 0, the trained program runs on step 0's weights -- a LoRA
-    adapter whose B matrices are still zero, so exactly the weights ``start`` was measured with -- and greedy fp32
-    decoding gives the same outputs (tested): ``start`` is its report, and the evaluation is not run again."""
-    from helpers.program import evaluation
-
-    if getattr(job, "best_checkpoint", None) == "step-0000":
-        print(f"No GRPO checkpoint beat step 0: the program has step 0's weights, so its {len(examples)}-claim report "
-              f"is {start.name}'s (same weights, greedy: same outputs); not run again.")
-        return dataclasses.replace(start, name="ResearchHop (GRPO)", seconds=0.0)
-    return evaluation.run_eval(trained, examples, threads, name="ResearchHop (GRPO)", progress="dev claims scored")
-
-
 def curve(job, initial_score=None) -> pd.DataFrame:
     """The job's per-step log as a table, from step 0 (the untrained adapter's score) to the last step."""
     if not job.history:  # Arbor's own server does not report its steps: the columns, with step 0 only
@@ -272,14 +245,13 @@ DISTRIBUTION_FILE = Path(__file__).with_name("grpo_distribution.json")
 
 
 def recorded_distribution(path: Path = DISTRIBUTION_FILE) -> dict | None:
-    """The latest ``benchmarks/grpo_mini.py --record`` run: GRPO's gain over several sampling seeds from 06's warm
-    start (per seed, pooled with a CI over seeds and claims). Read as data; None (with a line saying why) if missing
-    or damaged."""
+    """The latest ``benchmarks/grpo_mini.py --record`` run: GRPO's gain at the last step over several sampling seeds from
+    06's warm start (per seed, pooled with a CI over seeds and claims). Read as data; None (with a line saying why) if
+    missing or damaged."""
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
-        seeds = [(int(s["seed"]), float(s["final step"]), float(s["chosen checkpoint"])) for s in record["seeds"]]
-        pooled = {k: {q: float(record["pooled"][k][q]) for q in ("mean", "low", "high")}
-                  for k in ("final step", "chosen checkpoint")}
+        seeds = [(int(s["seed"]), float(s["final step"])) for s in record["seeds"]]
+        pooled = {q: float(record["pooled"]["final step"][q]) for q in ("mean", "low", "high")}
         return {**record, "seeds": seeds, "pooled": pooled, "claims": int(record["claims"])}
     except FileNotFoundError:
         return None
@@ -290,9 +262,9 @@ def recorded_distribution(path: Path = DISTRIBUTION_FILE) -> dict | None:
 
 def distribution_lines(record: dict, this_run: float | None = None) -> list[str]:
     """How often GRPO helps, by how much (the benchmark's seeds), and where this run's gain falls among them."""
-    pooled, seeds = record["pooled"]["chosen checkpoint"], [chosen for _, _, chosen in record["seeds"]]
+    pooled, seeds = record["pooled"], [gain for _, gain in record["seeds"]]
     lines = [f"Over {len(seeds)} sampling seeds from the same warm start ({record['claims']} dev claims, "
-             f"benchmarks/grpo_mini.py, {record.get('commit', '?')}): GRPO's chosen checkpoint gained "
+             f"benchmarks/grpo_mini.py, {record.get('commit', '?')}): GRPO's last step gained "
              + ", ".join(f"{g:+.1f}" for g in seeds) + f" points; pooled {pooled['mean']:+.1f} (95% CI over seeds "
              f"and claims {pooled['low']:+.1f} to {pooled['high']:+.1f}); above 0 in {sum(g > 0 for g in seeds)} of "
              f"{len(seeds)} seeds."]
@@ -308,7 +280,7 @@ def distribution_lines(record: dict, this_run: float | None = None) -> list[str]
 
 
 def verdict(before, after, job, warm=None, distribution: dict | None = None) -> str:
-    """What one run says, in words: the gain with its CI, which checkpoint won, what to try next (06 ends with it).
+    """What one run says, in words: the gain with its CI, which weights the program has, what to try next (06 ends with it).
 
     ``warm``: the warm start's report, when GRPO started from one; then the supervised stage and what GRPO itself
     added are separate lines, so RL is not credited with what behaviour cloning did. ``distribution``: the
@@ -338,7 +310,7 @@ def verdict(before, after, job, warm=None, distribution: dict | None = None) -> 
     else:
         lines.append("The interval includes zero: this run cannot tell GRPO's change from noise.")
     if job.best_checkpoint is None:
-        lines.append("No checkpoint was chosen on held-back claims: the program has the last step's weights.")
+        lines.append("The program has the last step's weights: no checkpoint was chosen on held-back claims.")
     found = [s.hidden_found for s in job.history if s.hidden_found is not None]
     if found and max(found) == 0:
         lines.append("No rollout ever found a gold page the claim does not name, so the multi-hop skill itself was "
@@ -355,7 +327,8 @@ def verdict(before, after, job, warm=None, distribution: dict | None = None) -> 
 
 
 def save_trained(profile: Profile, program, job, name: str = "researchhop_grpo", warm_start=None) -> Path:
-    """Save ``program.save(...)`` JSON and the best checkpoint's adapter side by side in ``<cache>/trained/<name>``.
+    """Save ``program.save(...)`` JSON and the adapter the job ended with (the last step's, or the best-scoring
+    checkpoint's when checkpoints were scored) side by side in ``<cache>/trained/<name>``.
 
     ``warm_start``: the folder ``warm_start.run(save_to=...)`` wrote, when GRPO started from a warm start; it is
     copied beside the adapter, because the GRPO adapter only means something on top of those weights.
