@@ -102,3 +102,19 @@ def test_identical_runs_give_the_claims_interval():
 def test_runs_of_unequal_claims_are_refused(diffs):
     with pytest.raises(TutorialError, match="same claims"):
         stats.seeds_and_claims_ci(diffs)
+
+
+def test_no_change_is_zero_not_floating_point_noise():
+    """Recalls come in thirds, so a run whose claims only trade places gained exactly nothing: its gain must be 0.0,
+    never 7e-16, or grpo_mini's "seeds > 0" and a verdict's "interval above zero" count a draw as a gain."""
+    import random
+
+    r = random.Random(0)
+    before = [r.choice([0.0, 100 / 3, 200 / 3, 100.0]) for _ in range(100)]
+    after = before[:]
+    r.shuffle(after)
+    assert float(np.mean(np.subtract(after, before))) != 0  # the noise this guards against
+    assert stats.paired_bootstrap_ci(before, after)[0] == 0.0
+    diff = [a - b for a, b in zip(after, before)]
+    assert stats.seeds_and_claims_ci([diff] * 4)[0] == 0.0
+    assert f"{stats.paired_bootstrap_ci(before, after[::-1])[0]:+.1f}" != "-0.0"  # no negative zero printed
